@@ -1,0 +1,311 @@
+"""Per-token loss weighters for credit assignment in GRPO.
+
+Plain GRPO gives every token of a completion the same advantage A, so the per-token objective is
+A x log pi(y_t). A weighter returns w_t per generated token and the objective becomes w_t x A x log pi(y_t).
+Weights are detached (constants in the gradient) except the learned attribution head's, whose
+gradient is the point. Each weighting rule is a small pure function on tensors; the classes only adapt
+them to the update loop (`grpo.update_policy`) and are registered by the names the CLI uses.
+
+Masked (padding) positions get weight 0; every weight below is for real generated tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from data_types import TokenBatch
+
+# ============================================================================ pure weighting rules
+
+
+def outcome_conditional_weights(answer_mask: torch.Tensor, mask: torch.Tensor, think_discount: float) -> torch.Tensor:
+    """think_discount before <answer>, 1 from the <answer> tag on (completions with no answer: all discounted)."""
+    w = torch.where(answer_mask, 1.0, think_discount)
+    return w * mask
+
+
+def inverse_logprob_weights(log_probs: torch.Tensor, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """1 / (|log pi| + epsilon), DETACHED.
+
+    The seeds' version kept the gradient through the weight: then d/dθ [A log pi / (|log pi| + eps)] =
+    A eps / (|log pi| + eps)^2 x d log pi, a different (and vanishing for unlikely tokens) update rule,
+    not the reweighting it claims to be. Detached, the gradient is A / (|log pi| + eps) x d log pi.
+    """
+    return (1.0 / (log_probs.detach().abs() + epsilon)) * mask
+
+
+def masked_softmax_times_count(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax over each row's valid tokens, times their count: weights average 1 over a sequence."""
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row gives NaN: zero it
+    return p * mask.sum(-1, keepdim=True)
+
+
+def entropy_weighted_weights(entropy: torch.Tensor, mask: torch.Tensor, entropy_temp: float) -> torch.Tensor:
+    """softmax(H_t / temp) over the sequence's valid tokens x their count (soft 80/20: forking tokens up)."""
+    return masked_softmax_times_count(entropy.detach() / entropy_temp, mask)
+
+
+def entropy_threshold(entropies: torch.Tensor, mask_percentile: float) -> float:
+    """The batch's entropy value at `mask_percentile` (linear interpolation, as numpy.percentile)."""
+    if entropies.numel() == 0:
+        return float("inf")
+    return float(torch.quantile(entropies.double(), mask_percentile / 100.0))
+
+
+def entropy_mask_weights(entropy: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1 for tokens at or above the batch threshold, else 0 (Wang et al. 2025, "Beyond the 80/20 rule").
+
+    Best with PPO clipping (algorithm.ppo_clip): the paper trains with DAPO; in plain GRPO the surviving
+    high-entropy tokens have the most negative log-probs and the update concentrates on them.
+    """
+    return (entropy.detach() >= threshold).float() * mask
+
+
+@torch.no_grad()
+def answer_attention(
+    last_q: torch.Tensor, last_k: torch.Tensor, prompt_lens: torch.Tensor, answer_mask: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean attention (last layer, averaged over heads and over the answer's query tokens) that the <answer>
+    tokens pay to each generated token: [b, T]. Only the answer rows of the attention map are computed.
+    Rows with no answer section are all zero."""
+    b, n_heads, _, head_dim = last_q.shape
+    rep = n_heads // last_k.shape[1]
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=last_q.device)
+    for row in range(b):
+        gen_idx = answer_mask[row].nonzero().squeeze(-1)
+        if gen_idx.numel() == 0:
+            continue
+        p0 = int(prompt_lens[row])
+        q_pos = p0 + gen_idx  # positions of the answer tokens in the whole sequence
+        q = last_q[row][:, q_pos].float()  # [H, Na, d]
+        k = last_k[row].float().repeat_interleave(rep, dim=0)  # [H, L, d]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # [H, Na, L]
+        key_pos = torch.arange(k.shape[1], device=k.device)
+        scores = scores.masked_fill(key_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).mean(dim=(0, 1))  # [L]
+        t = int(mask[row].sum())
+        out[row, :t] = probs[p0: p0 + t]
+    return out
+
+
+def attention_credit_weights(
+    credit: torch.Tensor, answer_mask: torch.Tensor, mask: torch.Tensor, credit_scale: float
+) -> torch.Tensor:
+    """Think-token weights from answer attention, normalized to mean 1 over the think tokens and clamped
+    to [1 / credit_scale, credit_scale]; answer tokens keep weight 1; rows with no answer keep weight 1."""
+    think = mask & ~answer_mask
+    has_answer = (answer_mask & mask).any(dim=-1, keepdim=True)
+    mean = (credit * think).sum(-1, keepdim=True) / think.sum(-1, keepdim=True).clamp(min=1)
+    normalized = credit / mean.clamp(min=1e-12)
+    w = normalized.clamp(1.0 / credit_scale, credit_scale)
+    w = torch.where(think & has_answer, w, torch.ones_like(w))
+    return w * mask
+
+
+class AttributionHead(nn.Module):
+    """Linear(hidden, 1) scoring each token from its hidden state; softmax over the sequence's valid tokens
+    x their count gives the weights (learned advantage attribution). Init std 0.01: near-uniform start."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.proj.weight, std=0.01)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.proj(hidden.float()).squeeze(-1)
+        return masked_softmax_times_count(scores, mask)
+
+
+def attribution_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row's attribution distribution p = w / count: [b]."""
+    count = mask.sum(-1, keepdim=True).clamp(min=1)
+    p = (weights / count) * mask
+    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
+
+
+# ============================================================================ weighters (the loop's adapters)
+
+WEIGHTERS: dict[str, type[TokenWeighter]] = {}
+
+
+def register_weighter(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        cls.name = name
+        WEIGHTERS[name] = cls
+        return cls
+    return add
+
+
+@register_weighter("none")
+class TokenWeighter:
+    """Weight 1 everywhere: plain GRPO. Base class of the others."""
+
+    name = "none"
+    needs_hidden = False
+    needs_last_qk = False
+
+    def __init__(self, **_: float):
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def begin_batch(self, entropies: list[list[float]]) -> None:
+        """Called once per update with the rollout's per-token entropies (batch-level statistics)."""
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        return batch.mask.float()
+
+    def aux_loss(self, batch: TokenBatch, weights: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"weighter {self.name!r} has no state, got keys {sorted(state)}")
+
+    def _track(self, name: str, value: float, count: int = 1) -> None:
+        self._sums[name] = self._sums.get(name, 0.0) + value * count
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Metrics accumulated since the last call, averaged per sequence."""
+        n = max(self._count, 1)
+        out = {k: v / n for k, v in self._sums.items()}
+        self._sums, self._count = {}, 0
+        return out
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@register_weighter("outcome_conditional")
+class OutcomeConditionalWeighter(TokenWeighter):
+    def __init__(self, think_discount: float = 0.5, **_: float):
+        super().__init__()
+        _check(0.0 <= think_discount <= 1.0, f"think_discount must be in [0, 1], got {think_discount}")
+        self.think_discount = think_discount
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        return outcome_conditional_weights(batch.answer_mask, batch.mask, self.think_discount)
+
+
+@register_weighter("inverse_logprob")
+class InverseLogprobWeighter(TokenWeighter):
+    def __init__(self, epsilon: float = 0.1, **_: float):
+        super().__init__()
+        _check(epsilon > 0, f"epsilon must be > 0, got {epsilon}")
+        self.epsilon = epsilon
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        return inverse_logprob_weights(batch.log_probs, batch.mask, self.epsilon)
+
+
+@register_weighter("attention_credit")
+class AttentionCreditWeighter(TokenWeighter):
+    needs_last_qk = True
+
+    def __init__(self, credit_scale: float = 2.0, **_: float):
+        super().__init__()
+        _check(credit_scale >= 1, f"credit_scale must be >= 1, got {credit_scale}")
+        self.credit_scale = credit_scale
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        credit = answer_attention(batch.last_q, batch.last_k, batch.prompt_lens, batch.answer_mask, batch.mask)
+        return attention_credit_weights(credit, batch.answer_mask, batch.mask, self.credit_scale)
+
+
+@register_weighter("entropy_weighted")
+class EntropyWeightedWeighter(TokenWeighter):
+    def __init__(self, entropy_temp: float = 1.0, **_: float):
+        super().__init__()
+        _check(entropy_temp > 0, f"entropy_temp must be > 0, got {entropy_temp}")
+        self.entropy_temp = entropy_temp
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        return entropy_weighted_weights(batch.rollout_entropy, batch.mask, self.entropy_temp)
+
+
+@register_weighter("entropy_masking")
+class EntropyMaskingWeighter(TokenWeighter):
+    def __init__(self, mask_percentile: float = 80.0, **_: float):
+        super().__init__()
+        _check(0 <= mask_percentile < 100, f"mask_percentile must be in [0, 100), got {mask_percentile}")
+        self.mask_percentile = mask_percentile
+        self.threshold = float("inf")
+
+    def begin_batch(self, entropies: list[list[float]]) -> None:
+        flat = torch.tensor([h for row in entropies for h in row], dtype=torch.float64)
+        self.threshold = entropy_threshold(flat, self.mask_percentile)
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        w = entropy_mask_weights(batch.rollout_entropy, batch.mask, self.threshold)
+        self._track("entropy_mask/kept_frac", float(w.sum() / batch.mask.sum().clamp(min=1)), batch.mask.shape[0])
+        self._count += batch.mask.shape[0]
+        return w
+
+
+@register_weighter("attribution")
+class AttributionWeighter(TokenWeighter):
+    """The learned attribution head. Hidden states are detached: the head learns from the policy loss
+    without changing the policy's representation. `attribution_entropy_coef` > 0 subtracts
+    coef x entropy(p) per sequence from the loss, so the head cannot collapse onto a few tokens."""
+
+    needs_hidden = True
+
+    def __init__(self, hidden_size: int = 0, attribution_entropy_coef: float = 0.0,
+                 device: torch.device | str = "cpu", **_: float):
+        super().__init__()
+        _check(hidden_size > 0, "the attribution weighter needs the model's hidden_size")
+        _check(attribution_entropy_coef >= 0, f"attribution_entropy_coef must be >= 0, got {attribution_entropy_coef}")
+        self.head = AttributionHead(hidden_size).to(device)
+        self.entropy_coef = attribution_entropy_coef
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        w = self.head(batch.hidden, batch.mask)
+        with torch.no_grad():
+            rows = batch.mask.any(-1)
+            n = int(rows.sum())
+            ent = attribution_entropy(w, batch.mask)[rows]
+            big = torch.finfo(w.dtype).max
+            self._track("attribution/entropy", float(ent.mean()) if n else 0.0, n)
+            self._track("attribution/max", float(w.masked_fill(~batch.mask, -big).max(-1).values[rows].mean()) if n else 0.0, n)
+            self._track("attribution/min", float(w.masked_fill(~batch.mask, big).min(-1).values[rows].mean()) if n else 0.0, n)
+            count = batch.mask.sum(-1).clamp(min=1)
+            mean = (w * batch.mask).sum(-1) / count
+            var = (((w - mean[:, None]) ** 2) * batch.mask).sum(-1) / count
+            self._track("attribution/std", float(var.sqrt()[rows].mean()) if n else 0.0, n)
+            self._count += n
+        return w
+
+    def aux_loss(self, batch: TokenBatch, weights: torch.Tensor) -> torch.Tensor | None:
+        if self.entropy_coef == 0:
+            return None
+        rows = batch.mask.any(-1)
+        return -self.entropy_coef * attribution_entropy(weights, batch.mask)[rows].mean()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.head.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.head.load_state_dict(state)
+
+
+def build_weighter(name: str, **params: float) -> TokenWeighter:
+    """A weighter by registered name; each takes the parameters it knows and ignores the rest."""
+    if name not in WEIGHTERS:
+        raise ValueError(f"unknown mitigation {name!r}; valid: {', '.join(sorted(WEIGHTERS))}")
+    return WEIGHTERS[name](**params)

@@ -1,0 +1,630 @@
+"""A hand-written Qwen2 / Qwen3 decoder in plain PyTorch that loads Hugging Face checkpoints.
+
+Layout follows nanoGPT / gpt-fast: config, then the modules in the order data flows through them
+(RMSNorm, rotary embedding, KV cache, attention, MLP, decoder layer, Transformer), then loading and
+saving. Numerics follow transformers' Qwen2/Qwen3 modeling code so logits match it (fp32: ~1e-6):
+RMSNorm in fp32, RoPE with the rotate_half convention and fp32 cos/sin, attention through
+`F.scaled_dot_product_attention`.
+
+State-dict keys equal the keys in the Hugging Face safetensors files, so checkpoints load and save
+without renaming. Qwen2 vs Qwen3 differ only in: Qwen2 has q/k/v biases (never an o_proj bias);
+Qwen3 has a per-head RMSNorm on q and k (`q_norm`, `k_norm`) and an explicit `head_dim`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GET_WEIGHTS_HINT = (
+    "Download the weights first, e.g. "
+    "`huggingface-cli download Qwen/Qwen2.5-3B-Instruct --local-dir Qwen2.5-3B-Instruct` "
+    "or `git lfs install && git clone https://huggingface.co/Qwen/Qwen2.5-3B-Instruct`."
+)
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+# Keys some older checkpoints carry that hold nothing we need (RoPE frequencies are recomputed).
+IGNORED_KEY_PATTERN = re.compile(r".*rotary_emb\.inv_freq$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, or does not match its config.json."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool | None = None  # None -> True for qwen2 (q/k/v bias), False for qwen3
+    use_qk_norm: bool | None = None  # None -> True for qwen3
+    tie_word_embeddings: bool = True
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type={self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.attention_bias is None:
+            self.attention_bias = self.model_type == "qwen2"
+        if self.use_qk_norm is None:
+            self.use_qk_norm = self.model_type == "qwen3"
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "ModelConfig":
+        """Parse an HF config.json dict (transformers 4 or 5 layout). `source` names the file in errors."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: key 'model_type' = {model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        # transformers <= 4 writes rope_theta (+ rope_scaling) at top level; 5 nests both in rope_parameters.
+        rope = d.get("rope_parameters") or {}
+        for key in ("rope_scaling", "rope_parameters"):
+            scaling = d.get(key) or {}
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(
+                    f"{source}: key '{key}' has rope type {rope_type!r}; only default RoPE is implemented"
+                )
+        if d.get("use_sliding_window", False):
+            raise ValueError(f"{source}: key 'use_sliding_window' = true; sliding-window attention is not implemented")
+        try:
+            dtype = d.get("torch_dtype", d.get("dtype")) or "bfloat16"
+            return cls(
+                model_type=model_type,
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=d["num_attention_heads"],
+                num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+                head_dim=d.get("head_dim"),
+                max_position_embeddings=d.get("max_position_embeddings", 32768),
+                rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                attention_bias=d.get("attention_bias"),
+                use_qk_norm=d.get("use_qk_norm"),
+                tie_word_embeddings=d.get("tie_word_embeddings", False),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=d.get("eos_token_id"),
+                torch_dtype=str(dtype).removeprefix("torch."),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: required key {e.args[0]!r} is missing") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """An HF config.json dict that `transformers.AutoModelForCausalLM` loads to the same model."""
+        return {
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            # both layouts, so transformers 4 (top level) and 5 (rope_parameters) read the same theta
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rms_norm_eps": self.rms_norm_eps,
+            "attention_bias": self.attention_bias,
+            "use_qk_norm": self.use_qk_norm,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.torch_dtype,
+            "dtype": self.torch_dtype,
+        }
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    hidden: torch.Tensor | None = None  # [B, T, hidden] after the final norm
+    last_q: torch.Tensor | None = None  # [B, H, T, head_dim] last layer, post q_norm, post RoPE
+    last_k: torch.Tensor | None = None  # [B, KV, T, head_dim] last layer, post k_norm, post RoPE
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules, in data-flow order
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 (bf16 squares overflow/lose precision), cast back, then scale: as HF does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021, RoFormer) with the rotate_half layout used by HF Llama/Qwen checkpoints."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        # Computed on CPU in fp32 exactly as HF does, so angles agree bit for bit.
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # model.to(bfloat16) would round inv_freq and shift the angles at long positions; recompute in fp32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        return self
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B or 1, T] -> cos, sin [B or 1, 1, T, head_dim] in `dtype` (broadcast over heads)."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Static per-layer k/v buffers (gpt-fast): allocated once, written at the slots in `input_pos`."""
+
+    def __init__(
+        self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        # non-persistent: caches never enter state_dict / checkpoints
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, KV, T, hd] at slots input_pos [T]; return slots [0, kv_len) of the B rows."""
+        batch = k.shape[0]
+        self.k_cache[:batch, :, input_pos] = k
+        self.v_cache[:batch, :, input_pos] = v
+        return self.k_cache[:batch, :, :kv_len], self.v_cache[:batch, :, :kv_len]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): num_key_value_heads k/v heads serve all q heads."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        # Qwen2 never has an o_proj bias; Qwen3's attention_bias covers all four projections.
+        o_bias = bias and config.model_type != "qwen2"
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        if config.use_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None, kv_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output [B, T, hidden], q [B, H, T, hd], k [B, KV, T, hd]); q/k post-norm, post-RoPE."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        keys, values = k, v
+        if input_pos is not None and self.kv_cache is not None:
+            keys, values = self.kv_cache.update(input_pos, k, v, kv_len)
+
+        groups = self.n_heads // self.n_kv_heads
+        if mask is None:
+            # causal fast path: flash attention handles GQA natively
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=groups > 1)
+        else:
+            # With an explicit mask, enable_gqa would push CUDA to the math kernel; repeating k/v keeps
+            # the memory-efficient kernel eligible and costs only [B, H, L, hd] extra.
+            if groups > 1:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+        return self.o_proj(y), q, k
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None, kv_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, q, k = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, q, k
+
+
+class Transformer(nn.Module):
+    """Qwen2/Qwen3 causal LM. Submodule names mirror HF (`model.*`, `lm_head`) so keys load 1:1."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.gradient_checkpointing: bool = False
+        self.tie_weights()
+        self.init_weights()
+
+    # -- construction ----------------------------------------------------------------------------
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """HF initialisation: normal(0, 0.02) for linear/embedding weights, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    @classmethod
+    def _empty(cls, config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> "Transformer":
+        # Build on the meta device and allocate once on the target: no CPU init pass for billions of params.
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.tie_weights()  # to_empty replaces parameters one by one, which unties them
+        return model
+
+    @classmethod
+    def from_config(
+        cls, config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "Transformer":
+        model = cls._empty(config, device or "cpu", dtype or torch.get_default_dtype())
+        model.init_weights()
+        return model
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    # -- KV cache --------------------------------------------------------------------------------
+
+    def setup_caches(
+        self, max_batch_size: int, max_seq_len: int,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    ) -> None:
+        weight = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(
+                max_batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim,
+                dtype or weight.dtype, device or weight.device,
+            )
+
+    def clear_caches(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        input_pos: torch.Tensor | None = None,
+        pad_lens: torch.Tensor | None = None,
+        output_hidden: bool = False,
+        output_last_qk: bool = False,
+    ) -> torch.Tensor | ModelOutput:
+        """tokens [B, T] -> logits [B, T, V] (or ModelOutput when output_hidden / output_last_qk).
+
+        pad_lens [B]: row b is left-padded by pad_lens[b] tokens; they are never attended to as keys
+        and column j gets RoPE position j - pad_lens[b], so real tokens see exactly the unpadded
+        sequence. input_pos [T]: KV-cache slots of the T new tokens (needs setup_caches); queries attend
+        to slots in [pad_lens[b], own slot], and only slots up to input_pos.max() are read.
+        """
+        batch, seq = tokens.shape
+        device = tokens.device
+        cached = input_pos is not None
+        if cached:
+            cache = self.model.layers[0].self_attn.kv_cache
+            if cache is None:
+                raise RuntimeError("forward(input_pos=...) needs the KV cache: call setup_caches() first")
+            kv_len = int(input_pos.max()) + 1  # one host sync per step buys attention over kv_len, not max_seq_len
+            max_batch, _, max_len, _ = cache.k_cache.shape
+            if batch > max_batch or kv_len > max_len:
+                raise ValueError(
+                    f"batch {batch} / slot {kv_len - 1} exceeds the caches set up for "
+                    f"max_batch_size={max_batch}, max_seq_len={max_len}"
+                )
+            query_slots = input_pos
+        else:
+            kv_len = seq
+            query_slots = torch.arange(seq, device=device)
+
+        positions = query_slots[None]  # [1, T]
+        if pad_lens is not None:
+            positions = (positions - pad_lens[:, None]).clamp(min=0)  # [B, T]
+
+        mask = None  # None -> causal fast path (plain full-sequence forward)
+        if cached or pad_lens is not None:
+            key_slots = torch.arange(kv_len, device=device)
+            own = query_slots[:, None]  # [T, 1]
+            allowed = key_slots <= own  # [T, L]
+            if pad_lens is not None:
+                allowed = allowed & (key_slots >= pad_lens[:, None, None])  # [B, T, L]
+                # a padding query has no valid key; letting it see itself keeps softmax (and then V) NaN-free
+                allowed = allowed | (key_slots == own)
+            mask = allowed.view(-1, 1, seq, kv_len)
+
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        q = k = None
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x, q, k = checkpoint(layer, x, cos, sin, mask, input_pos, kv_len, use_reentrant=False)
+            else:
+                x, q, k = layer(x, cos, sin, mask, input_pos, kv_len)
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden)
+        if not (output_hidden or output_last_qk):
+            return logits
+        return ModelOutput(
+            logits=logits,
+            hidden=hidden if output_hidden else None,
+            last_q=q if output_last_qk else None,
+            last_k=k if output_last_qk else None,
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict as stored in HF safetensors: a tied lm_head.weight is not stored."""
+        sd = self.state_dict()
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+    ) -> "Transformer":
+        """Load an HF Qwen2/Qwen3 checkpoint directory (config.json + single or sharded safetensors)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint directory not found. {GET_WEIGHTS_HINT}")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file}: missing config.json in the checkpoint directory. {GET_WEIGHTS_HINT}")
+        config = ModelConfig.from_json(config_file)
+        key_files, listing = _tensor_files(path)
+
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(config).checkpoint_state_dict().items()}
+
+        # Validate names and shapes from the headers before allocating anything.
+        for file in sorted(set(key_files.values())):
+            with safe_open(file, framework="pt") as f:
+                stored = set(f.keys())
+                for key in sorted(k for k, v in key_files.items() if v == file):
+                    if key not in stored:
+                        raise CheckpointError(f"{file}: tensor '{key}' listed in {listing} is not in the file")
+                    if IGNORED_KEY_PATTERN.match(key) or (key == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    if key not in expected:
+                        raise CheckpointError(
+                            f"{file}: unexpected tensor '{key}' for {config.model_type} as configured by "
+                            f"{config_file} (check model_type / attention_bias / tie_word_embeddings)"
+                        )
+                    got = tuple(f.get_slice(key).get_shape())
+                    if got != expected[key]:
+                        raise CheckpointError(
+                            f"{file}: tensor '{key}' has shape {list(got)}, but {config_file} implies "
+                            f"{list(expected[key])}"
+                        )
+        missing = sorted(set(expected) - set(key_files))
+        if missing:
+            raise CheckpointError(
+                f"{listing}: missing tensor '{missing[0]}' ({len(missing)} missing in all) required by {config_file}"
+            )
+
+        model = cls._empty(config, device, dtype)
+        params = model.state_dict()
+        device_str = str(torch.device(device))
+        with torch.no_grad():
+            for file in sorted(set(key_files.values())):
+                with safe_open(file, framework="pt", device=device_str) as f:
+                    for key in f.keys():
+                        if key in expected and key_files.get(key) == file:
+                            params[key].copy_(f.get_tensor(key))  # casts to the model dtype in place
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int = 4 * 1024**3) -> None:
+        """Write config.json + model.safetensors (sharded with an index above max_shard_size bytes).
+
+        Every file goes to a temporary name first and is renamed with os.replace, so an interrupted
+        save never leaves a truncated file under a final name.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.checkpoint_state_dict().items()}
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][key] = t
+            size += nbytes
+
+        if len(shards) == 1:
+            _atomic_write(path / SAFETENSORS_FILE, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+            stale = [path / SAFETENSORS_INDEX_FILE]
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                _atomic_write(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            _atomic_write(path / SAFETENSORS_INDEX_FILE, lambda tmp: _write_json(index, tmp))
+            stale = [path / SAFETENSORS_FILE]
+        for file in stale:  # a leftover from an earlier save in the other layout would shadow this one
+            file.unlink(missing_ok=True)
+
+        config = self.config.to_dict()
+        config["torch_dtype"] = config["dtype"] = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        _atomic_write(path / "config.json", lambda tmp: _write_json(config, tmp))
+
+
+# ------------------------------------------------------------------------------------------------
+# File helpers
+
+
+def _tensor_files(path: Path) -> tuple[dict[str, Path], Path]:
+    """Map each tensor key to the safetensors file holding it; also return the file that lists them."""
+    single, index_file = path / SAFETENSORS_FILE, path / SAFETENSORS_INDEX_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single), single
+    if index_file.is_file():
+        with open(index_file) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_file}: key 'weight_map' is missing or not a dict")
+        key_files = {key: path / name for key, name in weight_map.items()}
+        for key, file in key_files.items():
+            if not file.is_file():
+                raise CheckpointError(f"{index_file}: shard {file.name} (holding '{key}') not found in {path}")
+        return key_files, index_file
+    raise CheckpointError(
+        f"{path}: no weights found (expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}; "
+        f".bin checkpoints are not supported). {GET_WEIGHTS_HINT}"
+    )
+
+
+def _write_json(obj: Any, file: str) -> None:
+    with open(file, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _atomic_write(final: Path, write) -> None:
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)

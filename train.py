@@ -1,0 +1,45 @@
+"""Train a policy with GRPO on Countdown.
+
+    python train.py --config config.yaml [section.key=value ...] [--resume [CHECKPOINT]]
+
+Every config key can be overridden with a dotted path, e.g. `training.max_steps=20
+algorithm.adv_estimator=softmax algorithm.tau=0.5`; unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from config import ConfigError, load_config
+
+
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config_tiny.yaml", help="YAML config (default: config_tiny.yaml)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="continue from the newest checkpoint in training.ckpt_dir, or from CHECKPOINT")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser
+
+
+def run(config_path: str, overrides: list[str], resume: str | bool | None) -> int:
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from trainer import train  # imported after validation: config errors come before any model loads
+
+    result = train(config, resume=resume)
+    print(f"done: step {result.step}, checkpoint {result.checkpoint}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args.config, args.overrides, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Train with a credit-assignment mitigation (a per-token loss weighter from grpo_mitigations.py).
+
+    python train_mitigations.py --config config_instrumented.yaml --mitigation NAME \
+        [--think_discount 0.5 --epsilon 0.1 --credit_scale 2.0 --entropy_temp 1.0 --mask_percentile 80] \
+        [--attribution_entropy_coef 0.01] [section.key=value ...] [--resume [CHECKPOINT]]
+
+A thin front end over the same loop as train.py: it sets `mitigation.*`, turns the credit logger on, and
+sends outputs to logs_<mitigation>/, credit_logs_<mitigation>/ and ckpt_<mitigation>/ (next to the
+config's own log/checkpoint/credit directories).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import PurePosixPath
+
+from grpo_mitigations import WEIGHTERS
+from train import build_parser, run
+
+MITIGATION_FLAGS = ("think_discount", "epsilon", "credit_scale", "entropy_temp", "mask_percentile",
+                    "attribution_entropy_coef", "attribution_lr")
+
+
+def sibling(path: str, name: str) -> str:
+    """`runs/x/logs` + `logs_foo` -> `runs/x/logs_foo`; a bare `logs` -> `logs_foo`."""
+    parent = PurePosixPath(path).parent
+    return name if str(parent) == "." else str(parent / name)
+
+
+def mitigation_overrides(name: str, flags: dict[str, float | None], log_dir: str, credit_dir: str,
+                         ckpt_dir: str) -> list[str]:
+    out = [f"mitigation.name={name}", "credit.enabled=true",
+           f"training.log_dir={sibling(log_dir, f'logs_{name}')}",
+           f"credit.dir={sibling(credit_dir, f'credit_logs_{name}')}",
+           f"training.ckpt_dir={sibling(ckpt_dir, f'ckpt_{name}')}"]
+    out += [f"mitigation.{k}={v}" for k, v in flags.items() if v is not None]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(__doc__)
+    parser.set_defaults(config="config_instrumented.yaml")
+    parser.add_argument("--mitigation", required=True, choices=sorted(WEIGHTERS), help="token weighter")
+    for flag in MITIGATION_FLAGS:
+        parser.add_argument(f"--{flag}", type=float, default=None)
+    args = parser.parse_args(argv)
+    from config import ConfigError, load_config
+
+    try:  # read the config once to know where its outputs would go
+        base = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    flags = {k: getattr(args, k) for k in MITIGATION_FLAGS}
+    extra = mitigation_overrides(args.mitigation, flags, base.training.log_dir, base.credit.dir, base.training.ckpt_dir)
+    return run(args.config, list(args.overrides) + extra, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
