@@ -124,7 +124,7 @@ def teacher_episodes(problems: Sequence[task.CountdownProblem], prompts: Sequenc
             continue
         ids = tokenizer.encode(cache[problem]) + [tokenizer.eos_token_id]
         out.append(Episode(prompt=prompt, prompt_token_ids=tokenizer.encode(prompt), generated_token_ids=ids,
-                           text=cache[problem], reward=1.0, reward_info={}, finished=True, group_idx=q))
+                           text=cache[problem], reward=1.1, reward_info={}, finished=True, group_idx=q))
     return out
 
 
