@@ -34,6 +34,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from tokenizer import chat_prompt  # Qwen's chat format lives with the tokenizer
+
 
 @dataclass(frozen=True)
 class CountdownProblem:
@@ -370,16 +372,6 @@ USER_TEMPLATE = (
 )
 RESPONSE_PROMPT = "Let me solve this step by step.\n<think>"
 PROMPT_STYLES = ("chat", "compact")
-
-
-def chat_prompt(system: str | None, user: str, assistant_prefix: str = "") -> str:
-    """Qwen (ChatML) chat format, ending inside the assistant turn so generation continues
-    it; no system block when ``system`` is None. (Same contract as ``tokenizer.chat_prompt``.)"""
-    system_block = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
-    return (
-        f"{system_block}<|im_start|>user\n{user}<|im_end|>\n"
-        f"<|im_start|>assistant\n{assistant_prefix}"
-    )
 
 
 def build_prompt(problem: CountdownProblem, style: str = "chat") -> str:

@@ -1,0 +1,205 @@
+"""End-to-end runs of the training loop on a tiny random model (CPU): logging, checkpoints, resume,
+signals, the non-finite guard and determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import checkpoint as ckpt
+import grpo
+import train
+import trainer
+from config import config_from_dict
+from conftest import run_config
+from qwen2_model import Transformer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read_metrics(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return Transformer.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def test_three_steps_write_events_metrics_and_a_reference_loadable_checkpoint(tiny_assets, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"max_steps": 3}))
+    result = trainer.train(cfg)
+    assert result.step == 3 and result.checkpoint == tmp_path / "ckpt" / "step_000003"
+
+    rows = read_metrics(tmp_path / "logs")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for key in ("loss", "reward/mean", "reward/std", "success_rate/train", "format_reward/train", "grad_norm",
+                "entropy", "response_length", "finished_frac", "clip_frac", "zero_std_group_frac",
+                "advantage/mean", "advantage/std", "advantage/max", "advantage/ess", "duration/step", "tokens_per_s"):
+        assert key in rows[1], key
+    assert "success_rate/eval" in rows[0] and "success_rate/eval" in rows[2] and "success_rate/eval" in rows[3]
+    assert "success_rate/eval" not in rows[1]
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+    ours = Transformer.from_pretrained(result.checkpoint, dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(result.checkpoint, dtype=torch.float32)
+    tokens = torch.tensor([[5, 9, 30, 41, 12, 3]])
+    with torch.no_grad():
+        assert (ours(tokens) - ref(tokens).logits).abs().max() < 1e-4
+    assert (result.checkpoint / "tokenizer.json").is_file()
+    # the policy actually changed
+    start = weights(tiny_assets["model"])
+    assert any(not torch.equal(start[k], v) for k, v in ours.state_dict().items())
+
+
+def test_resume_is_bit_identical_and_logs_continue_without_gaps(tiny_assets, tmp_path):
+    full = config_from_dict(run_config(tiny_assets, tmp_path / "full"))
+    trainer.train(full)
+
+    half_dir = tmp_path / "half"
+    trainer.train(config_from_dict(run_config(tiny_assets, half_dir, training={"max_steps": 2})))
+    trainer.train(config_from_dict(run_config(tiny_assets, half_dir)), resume=True)
+
+    a, b = weights(tmp_path / "full" / "ckpt" / "step_000004"), weights(half_dir / "ckpt" / "step_000004")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = read_metrics(tmp_path / "full" / "logs"), read_metrics(half_dir / "logs")
+    assert [r["step"] for r in mb] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(ma, mb):
+        for key in ("reward/mean", "loss", "success_rate/train", "advantage/mean"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+    ca = pd.read_pickle(tmp_path / "full" / "credit" / "credit_logs_final.pkl")
+    cb = pd.read_pickle(half_dir / "credit" / "credit_logs_final.pkl")
+    assert sorted(cb["step"].unique()) == [1, 2, 3, 4]
+    pd.testing.assert_frame_equal(ca, cb)
+
+
+def test_resume_after_a_crash_redoes_the_lost_steps_once(tiny_assets, tmp_path):
+    """A run that died after step 3 (checkpoint at 2) left metrics and credit rows for step 3:
+    resuming removes them and redoes step 3, so nothing is duplicated."""
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"max_steps": 3, "ckpt_save_interval": 2},
+                                      credit={"credit_save_interval": 1}))
+    trainer.train(cfg)
+    ckpt_dir = tmp_path / "ckpt"
+    import shutil
+    shutil.rmtree(ckpt_dir / "step_000003")  # as if the crash came before the step-3 checkpoint
+    (tmp_path / "credit" / "credit_logs_final.pkl").unlink()
+    trainer.train(config_from_dict(run_config(tiny_assets, tmp_path, training={"max_steps": 3})), resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "logs")] == [0, 1, 2, 3]
+    credit = pd.read_pickle(tmp_path / "credit" / "credit_logs_final.pkl")
+    per_step = credit.groupby("step")["episode_idx"].nunique()
+    assert per_step.to_dict() == {1: 12, 2: 12, 3: 12}
+    assert credit.groupby("episode_idx")["step"].nunique().max() == 1  # no episode logged twice
+
+
+def test_crash_during_a_checkpoint_write_leaves_the_previous_one_loadable(tiny_assets, tmp_path, monkeypatch):
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"max_steps": 2, "ckpt_save_interval": 1}))
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if "step_000002" in str(Path(f).parent.name) or ".step_000002." in str(f):
+            raise OSError("simulated crash while writing the optimizer state")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        trainer.train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt.latest_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt" / "step_000001"
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_000001"]  # no half-written leftovers
+    Transformer.from_pretrained(tmp_path / "ckpt" / "step_000001")
+    result = trainer.train(cfg, resume=True)
+    assert result.step == 2
+
+
+def test_keep_last_n_checkpoints(tiny_assets, tmp_path):
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"max_steps": 4, "ckpt_save_interval": 1,
+                                                                        "keep_last_n": 2}))
+    trainer.train(cfg)
+    assert [p.name for p in sorted((tmp_path / "ckpt").iterdir())] == ["step_000003", "step_000004"]
+
+
+def test_non_finite_updates_are_skipped_then_abort(tiny_assets, tmp_path, monkeypatch):
+    real = grpo.compute_advantages
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        adv = real(*args, **kwargs)
+        return adv if calls["n"] == 1 else adv * float("nan")  # step 1 fine, then NaN forever
+
+    monkeypatch.setattr(grpo, "compute_advantages", poisoned)
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={
+        "max_steps": 10, "ckpt_save_interval": 1, "max_nonfinite_steps": 2}))
+    with pytest.raises(trainer.NonFiniteError, match="2 consecutive updates") as err:
+        trainer.train(cfg)
+    assert "step_000002" in str(err.value)  # the last good checkpoint is named
+    rows = read_metrics(tmp_path / "logs")
+    assert [r.get("nonfinite_skipped") for r in rows[1:]] == [None, 1.0, 1.0]
+    # the skipped update did not touch the weights: the step-2 checkpoint equals the step-1 one
+    w1, w2 = weights(tmp_path / "ckpt" / "step_000001"), weights(tmp_path / "ckpt" / "step_000002")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_deterministic_mode_gives_identical_metrics(tiny_assets, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = config_from_dict(run_config(tiny_assets, tmp_path / name, training={"max_steps": 2, "deterministic": True}))
+        trainer.train(cfg)
+        runs.append([{k: v for k, v in r.items() if not k.startswith(("duration", "tokens_per_s"))}
+                     for r in read_metrics(tmp_path / name / "logs")])
+    torch.use_deterministic_algorithms(False)
+    assert runs[0] == runs[1]
+
+
+def test_config_errors_come_before_any_model_is_loaded(tmp_path, capsys):
+    missing_model = tmp_path / "nowhere"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": {"path": str(missing_model)}}))
+    assert train.main(["--config", str(cfg_file), "training.max_stepz=3"]) == 2
+    assert "training.max_stepz" in capsys.readouterr().err
+    assert train.main(["--config", str(cfg_file), "algorithm.adv_eps=0"]) == 2
+    assert "adv_eps" in capsys.readouterr().err
+
+
+def test_missing_model_directory_says_how_to_get_weights(tiny_assets, tmp_path):
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, model={"path": str(tmp_path / "Qwen2.5-3B-Instruct")}))
+    with pytest.raises(ValueError, match="git clone|huggingface"):
+        trainer.train(cfg)
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes(tiny_assets, tmp_path):
+    cfg = run_config(tiny_assets, tmp_path, training={"max_steps": 500, "ckpt_save_interval": 1000,
+                                                      "eval_interval": 1000})
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(cfg_file)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "--resume" in out
+    last = ckpt.latest_checkpoint(tmp_path / "ckpt")
+    assert last is not None
+    step = ckpt.read_checkpoint(last).step
+    assert 2 <= step < 500
+    assert [r["step"] for r in read_metrics(tmp_path / "logs")] == list(range(step + 1))
+    cfg["training"]["max_steps"] = step + 1
+    result = trainer.train(config_from_dict(cfg), resume=True)
+    assert result.step == step + 1
+    assert [r["step"] for r in read_metrics(tmp_path / "logs")] == list(range(step + 2))
