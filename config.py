@@ -39,7 +39,7 @@ class TinySettings:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 384
-    warmup_steps: int = 1500
+    warmup_steps: int = 300
     warmup_batch_size: int = 64
     warmup_lr: float = 3e-3
     num_train_problems: int = 20000
