@@ -25,7 +25,7 @@ def test_shipped_yaml_values_are_read():
     c = load_config(ROOT / "config_tiny.yaml")
     assert c.model.build_tiny is True
     assert c.data.generate_num_numbers == [3]
-    assert c.training.learning_rate == 5.0e-4 and isinstance(c.training.learning_rate, float)
+    assert c.training.learning_rate == 1.0e-4 and isinstance(c.training.learning_rate, float)
     assert c.credit.credit_save_interval == 25
     assert c.training.betas == [0.9, 0.999]  # not in the file: the default
     assert load_config(ROOT / "config_24GB.yaml").training.optimizer == "adamw_offload"
