@@ -91,7 +91,9 @@ def sample(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
     try:
-        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device), pad_lens=pad_lens)[:, -1]
+        last = torch.full((batch, 1), prompt_len - 1, device=device)  # the prompt's other logits are never used
+        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device), pad_lens=pad_lens,
+                       logits_positions=last)[:, -1]
         steps = range(max_new_tokens)
         for t in tqdm(steps, desc="rollout", leave=False, disable=None if progress else True):
             next_token = sample_next_token(logits, temperature, top_p, generator)
@@ -444,15 +446,28 @@ def _pad(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch
     return out
 
 
-def _forward_completions(
+@dataclass
+class CompletionForward:
+    """The policy's outputs on prompt + completion, aligned on the completion's tokens."""
+
+    logits: torch.Tensor  # [b, T, V] at the positions that predict each generated token
+    targets: torch.Tensor  # [b, T] the generated tokens (0 where masked)
+    mask: torch.Tensor  # [b, T] real generated tokens
+    prompt_lens: torch.Tensor  # [b] where each completion starts in the whole sequence
+    hidden: torch.Tensor | None = None  # [b, T, hidden] at the same positions as the logits
+    last_q: torch.Tensor | None = None  # [b, H, L, head_dim] last layer, whole sequence
+    last_k: torch.Tensor | None = None
+
+
+def forward_completions(
     model: torch.nn.Module,
     episodes: Sequence[Episode],
     pad_token_id: int,
     need_hidden: bool = False,
     need_last_qk: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-    """Run prompt + completion through the model; return logits at the positions that predict each
-    generated token [b, T, V], the targets [b, T], the mask [b, T] and the raw model output."""
+) -> CompletionForward:
+    """Run prompt + completion (right-padded) through the model; logits only where completion tokens are
+    predicted: position prompt_len - 1 + t predicts completion token t."""
     device = next(model.parameters()).device
     seqs = [list(e.prompt_token_ids) + list(e.generated_token_ids) for e in episodes]
     width = max(len(s) for s in seqs)
@@ -461,17 +476,14 @@ def _forward_completions(
         tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long, device=device)
     gen_lens = torch.tensor([len(e.generated_token_ids) for e in episodes], device=device)
     prompt_lens = torch.tensor([len(e.prompt_token_ids) for e in episodes], device=device)
-    t_max = int(gen_lens.max())
-    offsets = torch.arange(t_max, device=device)
+    offsets = torch.arange(int(gen_lens.max()), device=device)
     mask = offsets[None, :] < gen_lens[:, None]
-    # logits at position j predict token j + 1: completion token t is predicted at prompt_len - 1 + t
     pred_pos = (prompt_lens[:, None] - 1 + offsets[None, :]).clamp(max=width - 1)
     targets = tokens.gather(1, (pred_pos + 1).clamp(max=width - 1)).masked_fill(~mask, 0)
-    extras = need_hidden or need_last_qk
-    out = model(tokens, output_hidden=need_hidden, output_last_qk=need_last_qk) if extras else model(tokens)
-    logits = out.logits if extras else out
-    logits = logits.gather(1, pred_pos[..., None].expand(-1, -1, logits.shape[-1]))
-    return logits, targets, mask, (out if extras else None), pred_pos, prompt_lens
+    out = model(tokens, output_hidden=need_hidden, output_last_qk=need_last_qk, logits_positions=pred_pos)
+    if not (need_hidden or need_last_qk):
+        return CompletionForward(out, targets, mask, prompt_lens)
+    return CompletionForward(out.logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k)
 
 
 def _micro_batches(n: int, size: int) -> list[range]:
@@ -521,8 +533,8 @@ def update_policy(
             mb = [episodes[i] for i in idx]
             need_hidden = bool(weighter is not None and weighter.needs_hidden)
             need_qk = bool(weighter is not None and weighter.needs_last_qk)
-            logits, targets, mask, out, pred_pos, prompt_lens = _forward_completions(
-                model, mb, config.pad_token_id, need_hidden, need_qk)
+            fwd = forward_completions(model, mb, config.pad_token_id, need_hidden, need_qk)
+            logits, targets, mask = fwd.logits, fwd.targets, fwd.mask
             log_probs, entropy, grad_norm = token_statistics(logits, targets)
             width = mask.shape[1]
             old_log_probs = _pad([e.log_probs for e in mb], width, 0.0, torch.float32, device)
@@ -536,15 +548,12 @@ def update_policy(
             weights = torch.ones_like(log_probs)
             aux_loss = None
             if weighter is not None:
-                hidden = None
-                if need_hidden:
-                    h = out.hidden
-                    hidden = h.gather(1, pred_pos[..., None].expand(-1, -1, h.shape[-1])).detach()
                 batch = TokenBatch(
                     token_ids=targets, mask=mask, log_probs=log_probs, entropy=entropy,
-                    rollout_entropy=rollout_entropy, answer_mask=answer_mask, hidden=hidden,
-                    last_q=out.last_q.detach() if need_qk else None,
-                    last_k=out.last_k.detach() if need_qk else None, prompt_lens=prompt_lens,
+                    rollout_entropy=rollout_entropy, answer_mask=answer_mask,
+                    hidden=fwd.hidden.detach() if need_hidden else None,
+                    last_q=fwd.last_q.detach() if need_qk else None,
+                    last_k=fwd.last_k.detach() if need_qk else None, prompt_lens=fwd.prompt_lens,
                 )
                 weights = weighter.weights(batch)
                 aux_loss = weighter.aux_loss(batch, weights)
@@ -558,7 +567,7 @@ def update_policy(
                 if ref_model is None:
                     raise ValueError("beta > 0 needs a reference model")
                 with torch.no_grad():
-                    ref_logits, _, _, _, _, _ = _forward_completions(ref_model, mb, config.pad_token_id)
+                    ref_logits = forward_completions(ref_model, mb, config.pad_token_id).logits
                     ref_log_probs, _, _ = token_statistics(ref_logits, targets)
                 kl = kl_k3(log_probs, ref_log_probs)
                 token_loss = token_loss + config.beta * kl
@@ -590,8 +599,9 @@ def update_policy(
         if teacher_episodes and config.teacher_forcing_coef > 0:
             for idx in _micro_batches(len(teacher_episodes), config.micro_batch_size):
                 mb = [teacher_episodes[i] for i in idx]
-                logits, targets, mask, _, _, _ = _forward_completions(model, mb, config.pad_token_id)
-                logp, _, _ = token_statistics(logits, targets)
+                fwd = forward_completions(model, mb, config.pad_token_id)
+                logp, _, _ = token_statistics(fwd.logits, fwd.targets)
+                mask = fwd.mask
                 loss = config.teacher_forcing_coef * aggregate_loss(-logp, mask, "token-mean", total_tokens=tf_tokens)
                 loss.backward()
                 loss_total += float(loss.detach())

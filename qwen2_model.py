@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fileio import atomic_write
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 GET_WEIGHTS_HINT = (
@@ -425,8 +427,13 @@ class Transformer(nn.Module):
         pad_lens: torch.Tensor | None = None,
         output_hidden: bool = False,
         output_last_qk: bool = False,
+        logits_positions: torch.Tensor | None = None,
     ) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, V] (or ModelOutput when output_hidden / output_last_qk).
+
+        logits_positions [B, K]: compute logits (and return hidden states) only at these positions,
+        giving [B, K, V]. With a 150k vocabulary the full [B, T, V] logits of a long prompt cost far
+        more memory than the model; sampling needs the last position and training the completion's.
 
         pad_lens [B]: row b is left-padded by pad_lens[b] tokens; they are never attended to as keys
         and column j gets RoPE position j - pad_lens[b], so real tokens see exactly the unpadded
@@ -476,6 +483,8 @@ class Transformer(nn.Module):
             else:
                 x, q, k = layer(x, cos, sin, mask, input_pos, kv_len)
         hidden = self.model.norm(x)
+        if logits_positions is not None:
+            hidden = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.lm_head(hidden)
         if not (output_hidden or output_last_qk):
             return logits
@@ -569,24 +578,24 @@ class Transformer(nn.Module):
             size += nbytes
 
         if len(shards) == 1:
-            _atomic_write(path / SAFETENSORS_FILE, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+            atomic_write(path / SAFETENSORS_FILE, lambda tmp: save_file(shards[0], str(tmp), metadata={"format": "pt"}))
             stale = [path / SAFETENSORS_INDEX_FILE]
         else:
             weight_map = {}
             for i, shard in enumerate(shards, start=1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _atomic_write(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+                atomic_write(path / name, lambda tmp, s=shard: save_file(s, str(tmp), metadata={"format": "pt"}))
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            _atomic_write(path / SAFETENSORS_INDEX_FILE, lambda tmp: _write_json(index, tmp))
+            atomic_write(path / SAFETENSORS_INDEX_FILE, lambda tmp: _write_json(index, tmp))
             stale = [path / SAFETENSORS_FILE]
         for file in stale:  # a leftover from an earlier save in the other layout would shadow this one
             file.unlink(missing_ok=True)
 
         config = self.config.to_dict()
         config["torch_dtype"] = config["dtype"] = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
-        _atomic_write(path / "config.json", lambda tmp: _write_json(config, tmp))
+        atomic_write(path / "config.json", lambda tmp: _write_json(config, tmp))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -619,12 +628,3 @@ def _write_json(obj: Any, file: str) -> None:
     with open(file, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def _atomic_write(final: Path, write) -> None:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)

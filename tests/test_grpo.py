@@ -260,8 +260,9 @@ def test_cached_sampling_log_probs_equal_a_full_recompute():
     episodes = [Episode(prompt="", prompt_token_ids=p, generated_token_ids=g, text="", reward=0.0,
                         reward_info={}, finished=False, group_idx=0) for p, g in zip(prompts, out.tokens)]
     with torch.no_grad():
-        logits, targets, mask, _, _, _ = grpo._forward_completions(model, episodes, pad_token_id=0)
-        lp, ent, _ = grpo.token_statistics(logits, targets)
+        fwd = grpo.forward_completions(model, episodes, pad_token_id=0)
+        lp, ent, _ = grpo.token_statistics(fwd.logits, fwd.targets)
+        targets, mask = fwd.targets, fwd.mask
     for i, g in enumerate(out.tokens):
         n = len(g)
         assert mask[i].sum() == n
@@ -336,9 +337,9 @@ def _episode(prompt, completion, log_probs=None):
 
 def _seq_log_prob(model, ep):
     with torch.no_grad():
-        logits, targets, mask, _, _, _ = grpo._forward_completions(model, [ep], 0)
-        lp, _, _ = grpo.token_statistics(logits, targets)
-    return float((lp * mask).sum())
+        fwd = grpo.forward_completions(model, [ep], 0)
+        lp, _, _ = grpo.token_statistics(fwd.logits, fwd.targets)
+    return float((lp * fwd.mask).sum())
 
 
 @pytest.mark.parametrize("mode", grpo.LOSS_AGG_MODES)

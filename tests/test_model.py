@@ -370,3 +370,16 @@ def test_bf16_load_is_close_to_fp32(tmp_path):
         ref, got = fp32(tokens), bf16(tokens)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     assert max_diff(got, ref) <= 0.05 * ref.abs().max().item() + 0.05
+
+
+def test_logits_positions_select_rows_of_the_full_logits():
+    model = make_ours("qwen2")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    positions = torch.tensor([[0, 4, 8], [3, 3, 7]])
+    with torch.no_grad():
+        full = model(tokens, output_hidden=True)
+        part = model(tokens, output_hidden=True, logits_positions=positions)
+    expected = full.logits.gather(1, positions[..., None].expand(-1, -1, full.logits.shape[-1]))
+    assert part.logits.shape == (2, 3, model.config.vocab_size)
+    assert max_diff(part.logits, expected) < 1e-5
+    assert max_diff(part.hidden, full.hidden.gather(1, positions[..., None].expand(-1, -1, full.hidden.shape[-1]))) < 1e-6

@@ -58,8 +58,8 @@ def test_tiny_default_warmup_then_grpo(tmp_path):
     episodes = [Episode(prompt=p, prompt_token_ids=tokenizer.encode(p), generated_token_ids=g, text="", reward=0.0,
                         reward_info={}, finished=True, group_idx=0) for p, g in zip(prompts, sampled.tokens)]
     with torch.no_grad():
-        logits, targets, mask, _, _, _ = grpo._forward_completions(ours, episodes, tokenizer.pad_token_id)
-        lp, _, _ = grpo.token_statistics(logits, targets)
+        fwd = grpo.forward_completions(ours, episodes, tokenizer.pad_token_id)
+        lp, _, _ = grpo.token_statistics(fwd.logits, fwd.targets)
     for i, g in enumerate(sampled.tokens):
         np.testing.assert_allclose(sampled.log_probs[i], lp[i, : len(g)].numpy(), atol=1e-4)
 
