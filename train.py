@@ -14,9 +14,9 @@ import sys
 from config import ConfigError, load_config
 
 
-def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+def build_parser(description: str = __doc__, default_config: str = "config_tiny.yaml") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config_tiny.yaml", help="YAML config (default: config_tiny.yaml)")
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue from the newest checkpoint in training.ckpt_dir, or from CHECKPOINT")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")

@@ -1,7 +1,7 @@
 """Train with a credit-assignment mitigation (a per-token loss weighter from grpo_mitigations.py).
 
-    python train_mitigations.py --config config_instrumented.yaml --mitigation NAME \
-        [--think_discount 0.5 --epsilon 0.1 --credit_scale 2.0 --entropy_temp 1.0 --mask_percentile 80] \
+    python train_mitigations.py --config config_instrumented.yaml --mitigation NAME
+        [--think_discount 0.5 --epsilon 0.1 --credit_scale 2.0 --entropy_temp 1.0 --mask_percentile 80]
         [--attribution_entropy_coef 0.01] [section.key=value ...] [--resume [CHECKPOINT]]
 
 A thin front end over the same loop as train.py: it sets `mitigation.*`, turns the credit logger on, and
@@ -17,8 +17,15 @@ from pathlib import PurePosixPath
 from grpo_mitigations import WEIGHTERS
 from train import build_parser, run
 
-MITIGATION_FLAGS = ("think_discount", "epsilon", "credit_scale", "entropy_temp", "mask_percentile",
-                    "attribution_entropy_coef", "attribution_lr")
+MITIGATION_FLAGS = {
+    "think_discount": "outcome_conditional: weight of tokens before <answer> (default 0.5)",
+    "epsilon": "inverse_logprob: w = 1 / (|log_prob| + epsilon) (default 0.1)",
+    "credit_scale": "attention_credit: think weights clamped to [1/scale, scale] (default 2.0)",
+    "entropy_temp": "entropy_weighted: w = softmax(H / temp) x count (default 1.0)",
+    "mask_percentile": "entropy_masking: keep tokens at or above this batch entropy percentile (default 80)",
+    "attribution_entropy_coef": "attribution: entropy regularizer on the learned weights (default 0)",
+    "attribution_lr": "attribution: learning rate of the head (default: the policy's)",
+}
 
 
 def sibling(path: str, name: str) -> str:
@@ -38,11 +45,10 @@ def mitigation_overrides(name: str, flags: dict[str, float | None], log_dir: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__)
-    parser.set_defaults(config="config_instrumented.yaml")
+    parser = build_parser(__doc__, default_config="config_instrumented.yaml")
     parser.add_argument("--mitigation", required=True, choices=sorted(WEIGHTERS), help="token weighter")
-    for flag in MITIGATION_FLAGS:
-        parser.add_argument(f"--{flag}", type=float, default=None)
+    for flag, text in MITIGATION_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=float, default=None, help=text)
     args = parser.parse_args(argv)
     from config import ConfigError, load_config
 
