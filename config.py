@@ -69,6 +69,7 @@ class TrainingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     learning_rate: float = 1e-5
+    lr_warmup_steps: int = 0  # linear warm-up from lr / lr_warmup_steps to lr over the first steps
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
@@ -309,6 +310,7 @@ def validate_config(c: Config) -> None:
     need(t.temperature >= 0, f"training.temperature must be >= 0 (got {t.temperature})")
     need(0 < t.top_p <= 1, f"training.top_p must be in (0, 1] (got {t.top_p})")
     need(t.learning_rate > 0, f"training.learning_rate must be > 0 (got {t.learning_rate})")
+    need(t.lr_warmup_steps >= 0, f"training.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"training.betas must be two numbers in [0, 1) (got {t.betas})")
     need(t.max_grad_norm > 0, f"training.max_grad_norm must be > 0 (got {t.max_grad_norm})")
     need(c.data.test_size > 0, f"data.test_size must be > 0 (got {c.data.test_size})")

@@ -29,9 +29,19 @@ def run(config_path: str, overrides: list[str], resume: str | bool | None) -> in
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from trainer import train  # imported after validation: config errors come before any model loads
+    # imported after validation: config errors come before any model loads
+    from countdown_task import DatasetError
+    from fileio import DiskFullError
+    from qwen2_model import CheckpointError
+    from tokenizer import TokenizerFileError
+    from trainer import NonFiniteError, train
 
-    result = train(config, resume=resume)
+    try:
+        result = train(config, resume=resume)
+    except (CheckpointError, TokenizerFileError, DatasetError, FileExistsError, FileNotFoundError,
+            DiskFullError, NonFiniteError) as e:  # the user's input or machine, not a bug: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"done: step {result.step}, checkpoint {result.checkpoint}")
     return 0
 

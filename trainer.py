@@ -24,7 +24,7 @@ import countdown_task as task
 import grpo
 from checkpoint import latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint
 from config import Config
-from credit_logger import CreditLogger
+from credit_logger import CreditLogger, step_files
 from data_types import Episode
 from fileio import atomic_write_text
 from grpo_mitigations import TokenWeighter, build_weighter
@@ -266,6 +266,11 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
             raise FileNotFoundError(f"--resume: no checkpoint found in {t.ckpt_dir}")
         if not resume_path.is_dir():
             raise FileNotFoundError(f"--resume: {resume_path} is not a checkpoint directory")
+    elif latest_checkpoint(t.ckpt_dir) is not None or (config.credit.enabled and step_files(config.credit.dir)):
+        # a fresh run would interleave its checkpoints and credit logs with the old run's
+        raise FileExistsError(
+            f"{t.ckpt_dir} or {config.credit.dir} already holds a run. Continue it with --resume, or start a new "
+            f"one elsewhere (training.ckpt_dir=..., training.log_dir=..., credit.dir=...) or after removing them.")
 
     device = resolve_device(config.model.device)
     train_set, test_set = prepare_data(config)
@@ -284,6 +289,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
         param_groups.append({"params": weighter.parameters(), "lr": m.attribution_lr or t.learning_rate})
     optimizer = build_optimizer(param_groups, t.optimizer, lr=t.learning_rate, betas=tuple(t.betas),
                                 eps=t.adam_eps, weight_decay=t.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     generator = torch.Generator(device=device).manual_seed(t.seed)
     sampler = QuestionSampler(len(train_set), t.seed)
     credit = CreditLogger(config.credit.dir, config.credit.credit_save_interval, m.name) if config.credit.enabled else None
@@ -364,6 +370,10 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
             metrics = _step_metrics(episodes, kept, rewards, advantages, zero_std_frac)
             metrics["tau"] = tau
 
+            warm = min(1.0, step / t.lr_warmup_steps) if t.lr_warmup_steps else 1.0
+            for group, base in zip(optimizer.param_groups, base_lrs):  # a function of the step: resumes exactly
+                group["lr"] = base * warm
+            metrics["lr"] = t.learning_rate * warm
             if kept:
                 teachers = (teacher_episodes(problems, prompts, tokenizer, trace_cache)
                             if a.teacher_forcing_coef > 0 else [])

@@ -203,3 +203,25 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes(tiny_assets, tmp_path
     result = trainer.train(config_from_dict(cfg), resume=True)
     assert result.step == step + 1
     assert [r["step"] for r in read_metrics(tmp_path / "logs")] == list(range(step + 2))
+
+
+def test_a_fresh_run_never_overwrites_an_existing_one(tiny_assets, tmp_path, capsys):
+    cfg = run_config(tiny_assets, tmp_path, training={"max_steps": 1})
+    trainer.train(config_from_dict(cfg))
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert train.main(["--config", str(cfg_file)]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert ckpt.latest_checkpoint(tmp_path / "ckpt").name == "step_000001"
+
+
+def test_bad_inputs_are_one_line_errors_not_tracebacks(tiny_assets, tmp_path, capsys):
+    cfg = run_config(tiny_assets, tmp_path, data={"path": str(tmp_path / "no_data")})
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert train.main(["--config", str(cfg_file)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "git clone" in err
+    assert train.main(["--config", str(cfg_file), f"data.path={tiny_assets['data']}",
+                       f"model.path={tmp_path / 'Qwen2.5-3B-Instruct'}"]) == 1
+    assert "Qwen2.5-3B-Instruct" in capsys.readouterr().err
