@@ -39,11 +39,11 @@ class TinySettings:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 384
-    warmup_steps: int = 300
+    warmup_steps: int = 700
     warmup_batch_size: int = 64
     warmup_lr: float = 3e-3
     num_train_problems: int = 20000
-    num_numbers: list[int] = field(default_factory=lambda: [3, 4])
+    varied_traces: bool = True  # a random one of each problem's solutions per example (else the solver's first)
     seed: int = 0
 
 

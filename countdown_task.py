@@ -234,28 +234,35 @@ def _moves_fraction(x: Fraction, y: Fraction):
         yield "/", True, y / x
 
 
-def _search(values: tuple, target, moves, dead: set) -> list | None:
+def _in_order(items: list, rng: random.Random | None) -> list:
+    if rng is not None:
+        rng.shuffle(items)
+    return items
+
+
+def _search(values: tuple, target, moves, dead: set, rng: random.Random | None = None) -> list | None:
     """Depth-first search on values only (strings are built once, by ``_replay``).
-    Returns the moves ``(i, j, op, swapped, value)`` that reach ``target``, or None."""
+    Returns the moves ``(i, j, op, swapped, value)`` that reach ``target``, or None.
+    With ``rng`` the pairs and moves are tried in a random order (a random one of the solutions)."""
     if len(values) == 2:
-        for op, swapped, value in moves(values[0], values[1]):
+        for op, swapped, value in _in_order(list(moves(values[0], values[1])), rng):
             if value == target:
                 return [(0, 1, op, swapped, value)]
         return None
     key = tuple(sorted(values))
     if key in dead:  # the same multiset of values failed before via another path
         return None
-    for i in range(len(values)):
-        for j in range(i + 1, len(values)):
-            before, after = values[:i], values[i + 1 : j] + values[j + 1 :]
-            seen = set()
-            for op, swapped, value in moves(values[i], values[j]):
-                if value in seen:  # same value from this pair -> same subproblem
-                    continue
-                seen.add(value)
-                path = _search(before + (value,) + after, target, moves, dead)
-                if path is not None:
-                    return [(i, j, op, swapped, value)] + path
+    pairs = [(i, j) for i in range(len(values)) for j in range(i + 1, len(values))]
+    for i, j in _in_order(pairs, rng):
+        before, after = values[:i], values[i + 1 : j] + values[j + 1 :]
+        seen = set()
+        for op, swapped, value in _in_order(list(moves(values[i], values[j])), rng):
+            if value in seen:  # same value from this pair -> same subproblem
+                continue
+            seen.add(value)
+            path = _search(before + (value,) + after, target, moves, dead, rng)
+            if path is not None:
+                return [(i, j, op, swapped, value)] + path
     dead.add(key)
     return None
 
@@ -268,8 +275,10 @@ def _replay(numbers: tuple[int, ...], path: list) -> Solution:
     return Solution(nodes[0].expr, nodes[0].steps)
 
 
-def solve(numbers: Sequence[int], target: int) -> Solution | None:
+def solve(numbers: Sequence[int], target: int, rng: random.Random | None = None) -> Solution | None:
     """Exhaustively search for an expression using every number exactly once.
+
+    Deterministic by default; with ``rng``, a random one of the solutions (varied teacher traces).
 
     Searches solutions whose intermediates are all non-negative integers first, then
     falls back to exact rational intermediates (e.g. ``8/(3-(8/3))`` = 24), so it returns
@@ -284,10 +293,10 @@ def solve(numbers: Sequence[int], target: int) -> Solution | None:
     if len(numbers) == 1:
         return Solution(str(numbers[0]), ()) if numbers[0] == target else None
     if target.denominator == 1 and target >= 0:
-        path = _search(numbers, int(target), _moves_integer, set())
+        path = _search(numbers, int(target), _moves_integer, set(), rng)
         if path is not None:
             return _replay(numbers, path)
-    path = _search(tuple(map(Fraction, numbers)), target, _moves_fraction, set())
+    path = _search(tuple(map(Fraction, numbers)), target, _moves_fraction, set(), rng)
     return None if path is None else _replay(numbers, path)
 
 

@@ -49,9 +49,12 @@ def tiny_config(config: Config, vocab_size: int) -> ModelConfig:
     )
 
 
-def sft_example(problem: task.CountdownProblem, tokenizer: Tokenizer, style: str) -> tuple[list[int], int] | None:
-    """(prompt + solver trace + eos token ids, prompt length), or None when the problem has no solution."""
-    solution = task.solve(problem.numbers, problem.target)
+def sft_example(problem: task.CountdownProblem, tokenizer: Tokenizer, style: str,
+                rng: random.Random | None = None) -> tuple[list[int], int] | None:
+    """(prompt + solver trace + eos token ids, prompt length), or None when the problem has no solution.
+    With `rng` the trace is a random one of the problem's solutions: a model warmed up on varied traces
+    keeps more entropy at its choice points, which is what GRPO explores."""
+    solution = task.solve(problem.numbers, problem.target, rng)
     if solution is None:
         return None
     prompt = tokenizer.encode(task.build_prompt(problem, style))
@@ -90,8 +93,7 @@ def build_tiny_model(config: Config, out_dir: str | Path, train_set: list[task.C
     model = Transformer.from_config(tiny_config(config, tokenizer.vocab_size), dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
 
-    problems = train_set[: s.num_train_problems]
-    examples = [ex for ex in (sft_example(p, tokenizer, config.data.prompt_style) for p in problems) if ex]
+    problems = [p for p in train_set[: s.num_train_problems] if task.solve(p.numbers, p.target) is not None]
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.warmup_lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, s.warmup_steps // 20)
 
@@ -107,7 +109,8 @@ def build_tiny_model(config: Config, out_dir: str | Path, train_set: list[task.C
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        batch = [examples[rng.randrange(len(examples))] for _ in range(s.warmup_batch_size)]
+        batch = [sft_example(problems[rng.randrange(len(problems))], tokenizer, config.data.prompt_style,
+                             rng if s.varied_traces else None) for _ in range(s.warmup_batch_size)]
         loss = sft_loss(model, batch, tokenizer.pad_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,7 +126,7 @@ def build_tiny_model(config: Config, out_dir: str | Path, train_set: list[task.C
             (tmp / name).write_bytes((staging / name).read_bytes())
         (tmp / "warmup.json").write_text(json.dumps({
             "params": n_params, "steps": s.warmup_steps, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-            "seconds": time.perf_counter() - t_start, "examples": len(examples), "seed": s.seed,
+            "seconds": time.perf_counter() - t_start, "problems": len(problems), "seed": s.seed,
         }, indent=2))
 
     atomic_write_dir(out_dir, write, "the tiny model")

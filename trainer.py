@@ -95,11 +95,12 @@ def prepare_data(config: Config) -> tuple[list[task.CountdownProblem], list[task
     return task.split_dataset(problems, test_size)
 
 
-def load_policy(config: Config, device: torch.device,
-                train_set: Sequence[task.CountdownProblem]) -> tuple[Transformer, Tokenizer]:
-    """The policy and its tokenizer from `model.path`, building the built-in tiny model first if asked."""
-    path = Path(config.model.path)
-    if config.model.build_tiny and not (path / "config.json").is_file():
+def load_policy(config: Config, device: torch.device, train_set: Sequence[task.CountdownProblem],
+                checkpoint_dir: Path | None = None) -> tuple[Transformer, Tokenizer]:
+    """The policy and its tokenizer: from a training checkpoint when resuming, else from `model.path`
+    (building the built-in tiny model there first if asked and missing)."""
+    path = Path(config.model.path) if checkpoint_dir is None else checkpoint_dir
+    if checkpoint_dir is None and config.model.build_tiny and not (path / "config.json").is_file():
         import tiny_model  # only needed for the built-in default
 
         tiny_model.build_tiny_model(config, path, list(train_set))
@@ -274,7 +275,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
 
     device = resolve_device(config.model.device)
     train_set, test_set = prepare_data(config)
-    model, tokenizer = load_policy(config, device, train_set)
+    model, tokenizer = load_policy(config, device, train_set, resume_path)
     model_dir = Path(config.model.path)
     ref_model = None
     if a.beta > 0:  # the frozen initial policy
@@ -297,9 +298,6 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     start_step = 0
     if resume_path is not None:
         state = read_checkpoint(resume_path)
-        loaded = Transformer.from_pretrained(resume_path, device=device, dtype=DTYPES[config.model.dtype])
-        model.load_state_dict(loaded.state_dict())
-        del loaded
         extras = load_training_state(resume_path, optimizer, generator)
         if "attribution_head" in extras:
             weighter.load_state_dict(extras["attribution_head"])
@@ -331,7 +329,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
         if credit is not None:
             trainer_state["credit"] = credit.state_dict()
         return save_checkpoint(t.ckpt_dir, step, model, optimizer, trainer_state, generator,
-                               tokenizer_dir=model_dir, extra_tensors={"attribution_head": weighter.state_dict()},
+                               tokenizer_dir=resume_path or model_dir, extra_tensors={"attribution_head": weighter.state_dict()},
                                keep_last_n=t.keep_last_n)
 
     if start_step == 0:

@@ -62,8 +62,8 @@ def test_string_for_int_field_names_the_key():
         load_config(None, ["training.max_steps=twenty"])
     with pytest.raises(ConfigError, match=r"training\.max_steps"):
         load_config(None, ["training.max_steps=2.5"])
-    with pytest.raises(ConfigError, match=r"tiny\.num_numbers\[1\]"):
-        load_config(None, ["tiny.num_numbers=[3, x]"])
+    with pytest.raises(ConfigError, match=r"data\.generate_num_numbers\[1\]"):
+        load_config(None, ["data.generate_num_numbers=[3, x]"])
 
 
 @pytest.mark.parametrize("value", ["1", "0", "yes_please"])

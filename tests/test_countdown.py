@@ -442,3 +442,16 @@ def test_cli_generate_then_check(tmp_path):
     assert "30 problems" in out.stdout and "solves 10/10" in out.stdout
     out = _cli("check", "--data", str(tmp_path / "missing"))
     assert out.returncode == 2 and "git clone" in out.stderr
+
+
+def test_solve_with_rng_returns_varied_valid_solutions():
+    import random
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(40):
+        sol = ct.solve((55, 46, 13), 22, rng)
+        assert ct.reward_function(ct.format_trace(sol), (55, 46, 13), 22)["reward_info"]["answer_reward"] == 1.0
+        seen.add(sol.expression)
+    assert len(seen) >= 3  # (55-46)+13, 55-(46-13), (55+13)-46
+    assert ct.solve((55, 46, 13), 22) == ct.solve((55, 46, 13), 22)  # without rng: deterministic
+    assert ct.solve((1, 1, 1), 99, rng) is None
