@@ -93,6 +93,10 @@ class EvalSettings:
     temperature: Optional[float] = None  # None: the training temperature
     batch_size: int = 64
     seed: int = 4242  # the same sampling noise at every evaluation, so curves compare like with like
+    # A transfer set: generated problems with these numbers counts (e.g. [4] for a model trained on
+    # 3-number problems), evaluated beside the held-out split and logged as success_rate/transfer.
+    transfer_num_numbers: list[int] = field(default_factory=list)
+    transfer_problems: int = 128
 
 
 @dataclass
@@ -315,6 +319,8 @@ def validate_config(c: Config) -> None:
     need(t.max_grad_norm > 0, f"training.max_grad_norm must be > 0 (got {t.max_grad_norm})")
     need(c.data.test_size > 0, f"data.test_size must be > 0 (got {c.data.test_size})")
     need(c.eval.num_problems >= 1 and c.eval.batch_size >= 1, "eval.num_problems and eval.batch_size must be >= 1")
+    need(all(n >= 2 for n in c.eval.transfer_num_numbers) and c.eval.transfer_problems >= 1,
+         "eval.transfer_num_numbers must be counts >= 2 and eval.transfer_problems >= 1")
     need(c.credit.credit_save_interval >= 1, "credit.credit_save_interval must be >= 1")
 
     need(a.adv_estimator in ADVANTAGE_FNS,

@@ -134,8 +134,9 @@ def teacher_episodes(problems: Sequence[task.CountdownProblem], prompts: Sequenc
 
 @torch.no_grad()
 def evaluate(model: Transformer, tokenizer: Tokenizer, problems: Sequence[task.CountdownProblem],
-             config: Config, device: torch.device) -> dict[str, float]:
-    """Success rate on a fixed held-out set, one sample per problem, with the same sampling noise every time."""
+             config: Config, device: torch.device, name: str = "eval") -> dict[str, float]:
+    """Success rate on a fixed problem set, one sample per problem, with the same sampling noise every time.
+    Keys are `success_rate/{name}`, `format_reward/{name}`, ... and `success_rate/{name}_{k}num` per size."""
     e, t = config.eval, config.training
     temperature = t.temperature if e.temperature is None else e.temperature
     generator = torch.Generator(device=device).manual_seed(e.seed)
@@ -149,12 +150,20 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, problems: Sequence[task.C
     solved = np.array([ep.reward_info["answer_reward"] == 1.0 for ep in episodes], dtype=float)
     sizes = np.array([len(p.numbers) for p in problems])
     out = {
-        "success_rate/eval": float(solved.mean()),
-        "format_reward/eval": float(np.mean([ep.reward_info["format_reward"] for ep in episodes])),
-        "response_length/eval": float(np.mean([len(ep.generated_token_ids) for ep in episodes])),
+        f"success_rate/{name}": float(solved.mean()),
+        f"format_reward/{name}": float(np.mean([ep.reward_info["format_reward"] for ep in episodes])),
+        f"response_length/{name}": float(np.mean([len(ep.generated_token_ids) for ep in episodes])),
     }
-    for k in sorted(set(sizes.tolist())):  # 3- and 4-number problems separately (transfer metric)
-        out[f"success_rate/eval_{k}num"] = float(solved[sizes == k].mean())
+    for k in sorted(set(sizes.tolist())):  # 3- and 4-number problems separately
+        out[f"success_rate/{name}_{k}num"] = float(solved[sizes == k].mean())
+    return out
+
+
+def evaluate_all(model: Transformer, tokenizer: Tokenizer, eval_sets: dict[str, Sequence[task.CountdownProblem]],
+                 config: Config, device: torch.device) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, problems in eval_sets.items():
+        out.update(evaluate(model, tokenizer, problems, config, device, name))
     return out
 
 
@@ -315,7 +324,10 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
         max_grad_norm=t.max_grad_norm, ppo_clip=a.ppo_clip, num_iterations=a.num_iterations,
         epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, beta=a.beta, entropy_coef=a.entropy_coef,
         teacher_forcing_coef=a.teacher_forcing_coef, pad_token_id=tokenizer.pad_token_id, progress=True)
-    eval_problems = test_set[: config.eval.num_problems]
+    eval_sets = {"eval": test_set[: config.eval.num_problems]}
+    if config.eval.transfer_num_numbers:
+        eval_sets["transfer"] = task.generate_problems(config.eval.transfer_problems, seed=config.eval.seed,
+                                                       num_numbers=tuple(config.eval.transfer_num_numbers))
     trace_cache: dict = {}
     nonfinite_in_a_row = 0
     last_ckpt: Path | None = None
@@ -333,9 +345,10 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
                                keep_last_n=t.keep_last_n)
 
     if start_step == 0:
-        metrics = {**evaluate(model, tokenizer, eval_problems, config, device)}
+        metrics = evaluate_all(model, tokenizer, eval_sets, config, device)
         metrics_log.log(0, metrics)
-        print(f"[eval] step 0: success {metrics['success_rate/eval']:.3f}")
+        print(f"[eval] step 0: success {metrics['success_rate/eval']:.3f}"
+              + (f", transfer {metrics['success_rate/transfer']:.3f}" if "transfer" in eval_sets else ""))
 
     step = start_step
     with stop_on_signals() as stop:
@@ -404,7 +417,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
             metrics.update({"duration/step": duration, "duration/rollout": t_rollout,
                             "tokens_per_s": n_tokens / max(t_rollout, 1e-9)})
             if step % t.eval_interval == 0 or step == t.max_steps:
-                metrics.update(evaluate(model, tokenizer, eval_problems, config, device))
+                metrics.update(evaluate_all(model, tokenizer, eval_sets, config, device))
             metrics_log.log(step, metrics)
             for k, e in enumerate(episodes[: t.log_samples]):
                 metrics_log.text(f"sample/{k}", f"reward {e.reward:.2f}\n\n{e.prompt}{e.text}", step)
@@ -414,6 +427,8 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
                     f"{duration:.1f}s")
             if "success_rate/eval" in metrics:
                 line += f" | eval {metrics['success_rate/eval']:.3f}"
+            if "success_rate/transfer" in metrics:
+                line += f" | transfer {metrics['success_rate/transfer']:.3f}"
             print(line, flush=True)
             if step % t.ckpt_save_interval == 0 or step == t.max_steps or stop["stop"]:
                 last_ckpt = checkpoint(step)

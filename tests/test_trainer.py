@@ -37,7 +37,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_three_steps_write_events_metrics_and_a_reference_loadable_checkpoint(tiny_assets, tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"max_steps": 3}))
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"max_steps": 3},
+                                      eval={"transfer_num_numbers": [4], "transfer_problems": 4}))
     result = trainer.train(cfg)
     assert result.step == 3 and result.checkpoint == tmp_path / "ckpt" / "step_000003"
 
@@ -49,6 +50,8 @@ def test_three_steps_write_events_metrics_and_a_reference_loadable_checkpoint(ti
         assert key in rows[1], key
     assert "success_rate/eval" in rows[0] and "success_rate/eval" in rows[2] and "success_rate/eval" in rows[3]
     assert "success_rate/eval" not in rows[1]
+    assert "success_rate/transfer" in rows[0] and "success_rate/transfer_4num" in rows[3]
+    assert "success_rate/eval_3num" in rows[0] and "success_rate/eval_4num" not in rows[0]
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 
     ours = Transformer.from_pretrained(result.checkpoint, dtype=torch.float32)
