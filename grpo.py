@@ -627,6 +627,8 @@ def update_policy(
         mean_w = sums["weight_sum"] / tok
         stats.metrics["weight/mean"] = mean_w
         stats.metrics["weight/std"] = math.sqrt(max(sums["weight_sq_sum"] / tok - mean_w ** 2, 0.0))
+    if "clip_frac_late" in sums:  # with num_iterations > 1 the ratio moves away from 1 after the first pass
+        stats.metrics["clip_frac/later_iterations"] = sums["clip_frac_late"] / (tok * (config.num_iterations - 1))
     if "kl" in sums:
         stats.metrics["kl"] = sums["kl"] / (tok * config.num_iterations)
     if "teacher_nll" in sums:

@@ -239,8 +239,8 @@ class TrainResult:
     stopped_by_signal: bool = False
 
 
-def _step_metrics(episodes: Sequence[Episode], kept: Sequence[Episode], rewards: torch.Tensor,
-                  advantages: torch.Tensor, zero_std_frac: float) -> dict[str, float]:
+def _step_metrics(episodes: Sequence[Episode], kept: Sequence[Episode], advantages: torch.Tensor,
+                  zero_std_frac: float) -> dict[str, float]:
     rw = np.array([e.reward for e in episodes])
     lengths = np.array([len(e.generated_token_ids) for e in episodes])
     m = {
@@ -378,7 +378,7 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
             if t.skip_unfinished_episodes:
                 use = [i for i, e in enumerate(kept) if e.finished]
                 kept, flat_adv = [kept[i] for i in use], flat_adv[use]
-            metrics = _step_metrics(episodes, kept, rewards, advantages, zero_std_frac)
+            metrics = _step_metrics(episodes, kept, advantages, zero_std_frac)
             metrics["tau"] = tau
 
             warm = min(1.0, step / t.lr_warmup_steps) if t.lr_warmup_steps else 1.0

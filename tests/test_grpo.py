@@ -395,4 +395,17 @@ def test_ppo_iterations_and_kl_to_a_reference():
     cfg = grpo.UpdateConfig(num_iterations=2, ppo_clip=True, epsilon_low=0.2, epsilon_high=0.2, beta=0.1)
     stats = grpo.update_policy(model, opt, [ep], torch.tensor([1.0]), cfg, ref_model=ref)
     assert stats.metrics["clip_frac"] == 1.0
+    assert 0.0 <= stats.metrics["clip_frac/later_iterations"] <= 1.0
     assert stats.metrics["kl"] >= 0 and math.isfinite(stats.metrics["kl"])
+
+
+def test_teacher_forcing_pulls_toward_the_reference_completion():
+    model = tiny_model()
+    teacher = _episode([1, 2, 3], [7, 7, 7, 7])
+    before = _seq_log_prob(model, teacher)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # zero advantages: the policy-gradient term is 0, so only the supervised term can move the weights
+    stats = grpo.update_policy(model, opt, [_episode([1, 2, 3], [4, 5])], torch.tensor([0.0]),
+                               grpo.UpdateConfig(teacher_forcing_coef=1.0), teacher_episodes=[teacher])
+    assert _seq_log_prob(model, teacher) > before
+    assert stats.metrics["teacher_nll"] == pytest.approx(-before / 4, rel=1e-4)
