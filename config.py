@@ -111,29 +111,46 @@ class AlgorithmSettings:
     soft_reweight_eps: float = 1e-6
     rollout_filter: Literal["none", "top_k"] = "none"
     rollout_filter_value: float = 1.0  # groups kept: a count (>= 1) or a fraction (< 1)
-    drop_zero_std_groups: bool = False
+    # Groups whose answers all scored the same: zero advantage under grpo/dr_grpo/rloo, but weight 1 each
+    # under the all-positive `softmax` estimator (imitation of the model's own samples). drop removes them.
+    zero_variance_groups: Literal["keep", "drop"] = "keep"
+    dynamic_sampling: bool = False  # DAPO: roll out more questions until the batch is all informative groups
+    max_sampling_rounds: int = 3
+    overlong_buffer_len: int = 0  # DAPO overlong shaping: penalize the last this-many tokens before max_new_tokens
+    overlong_penalty: float = 1.0  # the penalty at max_new_tokens (linear from 0 over the buffer)
     loss_agg_mode: Literal[
         "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = "token-mean"
-    ppo_clip: bool = False
+    policy_loss: str = "pg"  # a grpo.POLICY_LOSSES name: pg | ppo | dual_clip | gspo | cispo
+    old_log_probs: Literal["recompute", "rollout"] = "recompute"
     num_iterations: int = 1
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28
-    beta: float = 0.0  # KL to the frozen initial policy (k3 estimator); 0 disables it and the reference model
+    epsilon_low: Optional[float] = None  # None: the policy loss's default (0.2 / 0.28; gspo 3e-4 / 4e-4)
+    epsilon_high: Optional[float] = None
+    clip_ratio_c: float = 3.0  # dual_clip: the loss of A < 0 tokens is bounded by -A c
+    beta: float = 0.0  # KL to the frozen initial policy; 0 disables it and the reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
     teacher_forcing_coef: float = 0.0  # > 0: add coef x NLL of a solver trace per question (teacher forcing + RL)
 
 
-@dataclass
-class MitigationSettings:
-    name: str = "none"
-    think_discount: float = 0.5
-    epsilon: float = 0.1
-    credit_scale: float = 2.0
-    entropy_temp: float = 1.0
-    mask_percentile: float = 80.0
-    attribution_entropy_coef: float = 0.0
-    attribution_lr: Optional[float] = None  # None: the policy's learning rate
+# Keys that existed once: a config that still sets one is told what replaced it.
+REMOVED_KEYS = {
+    "algorithm.ppo_clip": "algorithm.policy_loss=ppo (it clips only once the policy moves: algorithm.num_iterations > 1)",
+    "algorithm.drop_zero_std_groups": "algorithm.zero_variance_groups=drop",
+}
+
+
+def _mitigation_settings() -> type:
+    """`mitigation.name` plus every parameter the registered weighters declare (grpo_mitigations.Param):
+    the parameters are declared once, on their weighter, and this section follows."""
+    from grpo_mitigations import weighter_params
+
+    fields = [("name", str, field(default="none"))]
+    fields += [(k, p.type, field(default=p.default)) for k, (_, p) in weighter_params().items()]
+    return dataclasses.make_dataclass("MitigationSettings", fields)
+
+
+MitigationSettings = _mitigation_settings()
 
 
 @dataclass
@@ -218,6 +235,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if f"{where}{key}" in REMOVED_KEYS:
+            raise ConfigError(f"{where}{key} was removed; use {REMOVED_KEYS[f'{where}{key}']}")
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -289,8 +309,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def validate_config(c: Config) -> None:
     """Cross-field checks that the types alone cannot express."""
-    from grpo import ADVANTAGE_FNS  # the registries own the valid names
-    from grpo_mitigations import WEIGHTERS
+    from grpo import ADVANTAGE_FNS, POLICY_LOSSES  # the registries own the valid names
+    from grpo_mitigations import WEIGHTERS, check_params, weighter_params
 
     t, a, m = c.training, c.algorithm, c.mitigation
     problems: list[str] = []
@@ -337,19 +357,20 @@ def validate_config(c: Config) -> None:
                  f"algorithm.rollout_filter_value={v} must be a whole number of groups <= "
                  f"num_questions_per_batch={t.num_questions_per_batch}, or a fraction < 1")
     need(a.num_iterations >= 1, f"algorithm.num_iterations must be >= 1 (got {a.num_iterations})")
-    need(0 <= a.epsilon_low < 1 and a.epsilon_high >= 0,
+    need(a.policy_loss in POLICY_LOSSES,
+         f"algorithm.policy_loss {a.policy_loss!r} is unknown; valid: {', '.join(sorted(POLICY_LOSSES))}")
+    need((a.epsilon_low is None or 0 <= a.epsilon_low < 1) and (a.epsilon_high is None or a.epsilon_high >= 0),
          f"algorithm.epsilon_low must be in [0, 1) and epsilon_high >= 0 (got {a.epsilon_low}, {a.epsilon_high})")
+    need(a.clip_ratio_c > 1, f"algorithm.clip_ratio_c must be > 1 (got {a.clip_ratio_c})")
+    need(a.max_sampling_rounds >= 1, f"algorithm.max_sampling_rounds must be >= 1 (got {a.max_sampling_rounds})")
+    need(0 <= a.overlong_buffer_len < t.max_new_tokens,
+         f"algorithm.overlong_buffer_len must be in [0, training.max_new_tokens) (got {a.overlong_buffer_len})")
+    need(a.overlong_penalty >= 0, f"algorithm.overlong_penalty must be >= 0 (got {a.overlong_penalty})")
     need(a.beta >= 0 and a.entropy_coef >= 0 and a.teacher_forcing_coef >= 0,
          "algorithm.beta, entropy_coef and teacher_forcing_coef must be >= 0")
 
     need(m.name in WEIGHTERS, f"mitigation.name {m.name!r} is unknown; valid: {', '.join(sorted(WEIGHTERS))}")
-    need(0 <= m.think_discount <= 1, f"mitigation.think_discount must be in [0, 1] (got {m.think_discount})")
-    need(m.epsilon > 0, f"mitigation.epsilon must be > 0 (got {m.epsilon})")
-    need(m.credit_scale >= 1, f"mitigation.credit_scale must be >= 1 (got {m.credit_scale})")
-    need(m.entropy_temp > 0, f"mitigation.entropy_temp must be > 0 (got {m.entropy_temp})")
-    need(0 <= m.mask_percentile < 100, f"mitigation.mask_percentile must be in [0, 100) (got {m.mask_percentile})")
-    need(m.attribution_entropy_coef >= 0, "mitigation.attribution_entropy_coef must be >= 0")
-    need(m.attribution_lr is None or m.attribution_lr > 0, "mitigation.attribution_lr must be > 0")
+    problems.extend(check_params({k: getattr(m, k) for k in weighter_params()}))
     for name in ("learning_rate", "max_grad_norm"):
         need(math.isfinite(getattr(t, name)), f"training.{name} must be finite")
     if problems:

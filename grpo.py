@@ -1,9 +1,11 @@
 """GRPO: batched sampling with a KV cache, rollouts, group-relative advantages, loss aggregation and the
 policy update.
 
-The math is in small pure functions on tensors (advantages, group filtering, loss aggregation, the
-clipped surrogate, the k3 KL estimator) that tests call directly; the two stateful pieces are
-`sample` (owns the model's KV cache for one rollout) and `update_policy` (one optimizer step).
+The math is in small pure functions on tensors that tests call directly, behind registries by name:
+advantages (`ADVANTAGE_FNS`), policy losses (`POLICY_LOSSES`), KL estimators (`KL_ESTIMATORS`), plus group
+filtering and loss aggregation. The two stateful pieces are `sample` (owns the model's KV cache for one
+rollout) and `update_policy` (one update, read as its steps: forward, token weights, old log-probs, policy
+loss, KL and entropy terms, aggregation, backward, clipped step).
 """
 
 from __future__ import annotations
@@ -369,32 +371,145 @@ def aggregate_loss(
     raise ValueError(f"unknown loss_agg_mode {mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
 
 
-def policy_loss_per_token(
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    advantages: torch.Tensor,
-    clip: bool = False,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss to minimize, and which tokens were clipped.
+# ---------------------------------------------------------------- policy losses (veRL's registry pattern)
 
-    Plain: -A * log pi. Clipped (PPO; DAPO's asymmetric clip-higher): -min(r A, clip(r, 1-eps_low,
-    1+eps_high) A) with r = pi / pi_old. With old == current (one iteration), r = 1 and the gradient is
-    exactly the plain one's.
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered policy loss and what the update needs to know about it."""
+
+    fn: PolicyLossFn
+    uses_ratio: bool  # reads old log-probs: the update must supply them (recompute or rollout)
+    default_epsilon: tuple[float, float] = (0.2, 0.28)  # (epsilon_low, epsilon_high) when the config sets none
+    loss_agg_mode: str | None = None  # forced aggregation (GSPO's seq-mean-token-mean); None: the config's
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(
+    name: str, uses_ratio: bool = True, default_epsilon: tuple[float, float] = (0.2, 0.28),
+    loss_agg_mode: str | None = None,
+) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register `fn(log_probs, old_log_probs, advantages, mask, cfg) -> (token_loss, metrics)` under `name`.
+
+    All tensors are [B, T]; `advantages` are per token (token weights already applied); `token_loss` is the
+    per-token loss to minimize before aggregation; `cfg` has `epsilon_low`, `epsilon_high`, `clip_ratio_c`.
     """
-    if not clip:
-        return -advantages * log_probs, torch.zeros_like(log_probs, dtype=torch.bool)
-    ratio = torch.exp(log_probs - old_log_probs)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages
-    return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach()
+    def add(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSSES[name] = PolicyLoss(fn, uses_ratio, default_epsilon, loss_agg_mode)
+        return fn
+    return add
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.to(x.dtype)
+    return float((x * m).sum() / m.sum().clamp(min=1))
+
+
+def log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor) -> torch.Tensor:
+    """log(pi / pi_old), clamped to +-20 as veRL does, so one -inf log-prob cannot make the loss NaN."""
+    return (log_probs - old_log_probs).clamp(-20.0, 20.0)
+
+
+@register_policy_loss("pg", uses_ratio=False)
+def pg_loss(log_probs, old_log_probs, advantages, mask, cfg):
+    """-A log pi: the on-policy GRPO / REINFORCE gradient (old log-probs unused)."""
+    return -advantages * log_probs, {}
+
+
+def _clipped_surrogate(ratio, advantages, mask, cfg):
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    loss = torch.maximum(unclipped, clipped)
+    return loss, {"clip_frac": masked_mean((clipped > unclipped).float(), mask)}
+
+
+@register_policy_loss("ppo")
+def ppo_loss(log_probs, old_log_probs, advantages, mask, cfg):
+    """max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old (PPO; DAPO's clip-higher when
+    eps_high > eps_low)."""
+    return _clipped_surrogate(torch.exp(log_ratio(log_probs, old_log_probs)), advantages, mask, cfg)
+
+
+@register_policy_loss("dual_clip")
+def dual_clip_loss(log_probs, old_log_probs, advantages, mask, cfg):
+    """`ppo`, and for A < 0 bounded above by -A c, c = clip_ratio_c (Ye et al. 2020, dual-clip PPO)."""
+    loss, metrics = ppo_loss(log_probs, old_log_probs, advantages, mask, cfg)
+    bound = -advantages * cfg.clip_ratio_c
+    lower_clipped = (advantages < 0) & (loss > bound)
+    metrics["clip_frac_lower"] = masked_mean(lower_clipped.float(), mask)
+    return torch.where(advantages < 0, torch.minimum(loss, bound), loss), metrics
+
+
+@register_policy_loss("gspo", default_epsilon=(3e-4, 4e-4), loss_agg_mode="seq-mean-token-mean")
+def gspo_loss(log_probs, old_log_probs, advantages, mask, cfg):
+    """GSPO (Zheng et al. 2025), token form: s_i,t = sg[s_i] * pi_t / sg[pi_t], where s_i is the sequence's
+    geometric-mean ratio; clipped like PPO and aggregated seq-mean-token-mean (veRL's compute_policy_loss_gspo)."""
+    m = mask.to(log_probs.dtype)
+    seq_log_ratio = ((log_probs - old_log_probs) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    token_log_ratio = log_probs - log_probs.detach() + seq_log_ratio.detach()[:, None]
+    ratio = torch.exp(token_log_ratio.clamp(max=10.0))
+    return _clipped_surrogate(ratio, advantages, mask, cfg)
+
+
+@register_policy_loss("cispo")
+def cispo_loss(log_probs, old_log_probs, advantages, mask, cfg):
+    """-sg[clip(r, 1 - eps_low, 1 + eps_high)] A log pi (CISPO, MiniMax-M1 2025): clips the importance
+    weight, never the gradient, so every token keeps contributing."""
+    ratio = torch.exp(log_ratio(log_probs, old_log_probs)).detach()
+    weight = ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    metrics = {"clip_frac": masked_mean((weight != ratio).float(), mask)}
+    return -weight * advantages * log_probs, metrics
+
+
+# ---------------------------------------------------------------- KL estimators
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+
+def _register_kl(name: str) -> Callable:
+    def add(fn: Callable) -> Callable:
+        KL_ESTIMATORS[name] = fn
+        return fn
+    return add
+
+
+@_register_kl("k1")
+def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """log pi - log pi_ref: unbiased for KL(pi || pi_ref), high variance, can be negative per token."""
+    return log_probs - ref_log_probs
+
+
+@_register_kl("k2")
+def kl_k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """(log pi - log pi_ref)^2 / 2: biased, low variance, >= 0 (Schulman 2020)."""
+    return 0.5 * (log_probs - ref_log_probs) ** 2
+
+
+@_register_kl("k3")
 def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = log pi_ref - log pi (>= 0)."""
-    d = ref_log_probs - log_probs
+    """Schulman's k3: exp(d) - d - 1, d = log pi_ref - log pi (>= 0, unbiased). d is clamped to +-20 as in
+    veRL's low_var_kl, so an infinite log-prob gives a large finite value, never NaN."""
+    d = (ref_log_probs - log_probs).clamp(-20.0, 20.0)
     return torch.exp(d) - d - 1
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; valid: {', '.join(sorted(KL_ESTIMATORS))}")
+    return KL_ESTIMATORS[estimator](log_probs, ref_log_probs)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, penalty: float) -> torch.Tensor:
+    """DAPO's overlong reward shaping: 0 up to max_len - buffer_len generated tokens, then falling linearly
+    to -penalty at max_len (veRL: min(-(L - (max_len - buffer)) / buffer * penalty, 0))."""
+    if buffer_len <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float64)
+    exceed = lengths.double() - (max_len - buffer_len)
+    return (-exceed / buffer_len * penalty).clamp(max=0.0)
 
 
 def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -427,15 +542,33 @@ class UpdateConfig:
     loss_agg_mode: str = "token-mean"
     max_len: int | None = None  # the generation budget, for seq-mean-token-sum-norm
     max_grad_norm: float = 1.0
-    ppo_clip: bool = False
-    num_iterations: int = 1
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28
+    policy_loss: str = "pg"  # a POLICY_LOSSES name
+    old_log_probs: str = "recompute"  # recompute: the training forward's before the first step; rollout: the sampler's
+    num_iterations: int = 1  # passes over the same batch (each one optimizer step)
+    epsilon_low: float | None = None  # None: the policy loss's registered default
+    epsilon_high: float | None = None
+    clip_ratio_c: float = 3.0  # dual-clip bound for A < 0
     beta: float = 0.0  # KL coefficient (needs ref_model)
+    kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     teacher_forcing_coef: float = 0.0
     pad_token_id: int = 0
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy_loss {self.policy_loss!r}; valid: {', '.join(sorted(POLICY_LOSSES))}")
+        if self.old_log_probs not in ("recompute", "rollout"):
+            raise ValueError(f"old_log_probs must be 'recompute' or 'rollout', got {self.old_log_probs!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {', '.join(sorted(KL_ESTIMATORS))}")
+        low, high = POLICY_LOSSES[self.policy_loss].default_epsilon
+        self.epsilon_low = low if self.epsilon_low is None else self.epsilon_low
+        self.epsilon_high = high if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def agg_mode(self) -> str:
+        return POLICY_LOSSES[self.policy_loss].loss_agg_mode or self.loss_agg_mode
 
 
 def _pad(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch.dtype, device: Any) -> torch.Tensor:
@@ -490,6 +623,198 @@ def _micro_batches(n: int, size: int) -> list[range]:
     return [range(s, min(n, s + size)) for s in range(0, n, size)]
 
 
+@dataclass
+class _BatchTotals:
+    """Full-batch normalizers, so micro-batch losses sum exactly to the full-batch loss."""
+
+    seqs: int
+    tokens: int
+    teacher_tokens: int
+
+
+class _Sums:
+    """Token-weighted running sums of scalar metrics over the micro-batches of one update."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def add(self, name: str, value: float) -> None:
+        self.values[name] = self.values.get(name, 0.0) + value
+
+
+@dataclass
+class _MicroBatchTokens:
+    """One micro-batch's forward, aligned on its completion tokens."""
+
+    fwd: CompletionForward
+    log_probs: torch.Tensor  # [b, T] with grad
+    entropy: torch.Tensor  # [b, T] detached
+    logit_grad_norm: torch.Tensor  # [b, T] detached
+    rollout_log_probs: torch.Tensor  # [b, T] from the sampler (0 where missing)
+    has_rollout: torch.Tensor  # [b, T] bool: tokens with a rollout log-prob
+    rollout_entropy: torch.Tensor  # [b, T]
+    answer_mask: torch.Tensor  # [b, T]
+
+
+def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any, pad_token_id: int) -> _MicroBatchTokens:
+    """Step 1, forward + token statistics: log pi, entropy and the logit-gradient norm of each completion token."""
+    need_hidden = bool(weighter is not None and weighter.needs_hidden)
+    need_qk = bool(weighter is not None and weighter.needs_last_qk)
+    fwd = forward_completions(model, mb, pad_token_id, need_hidden, need_qk)
+    log_probs, entropy, grad_norm = token_statistics(fwd.logits, fwd.targets)
+    width, device = fwd.mask.shape[1], fwd.mask.device
+    rollout_lp = _pad([e.log_probs for e in mb], width, 0.0, torch.float32, device)
+    has_rollout = _pad([[1.0] * len(e.log_probs) for e in mb], width, 0.0, torch.float32, device).bool() & fwd.mask
+    answer_mask = torch.zeros_like(fwd.mask)
+    for row, e in enumerate(mb):
+        if e.answer_start is not None:
+            answer_mask[row, e.answer_start:] = True
+    return _MicroBatchTokens(fwd, log_probs, entropy, grad_norm, rollout_lp, has_rollout,
+                             _pad([e.entropies for e in mb], width, 0.0, torch.float32, device), answer_mask & fwd.mask)
+
+
+def _token_weights(weighter: Any, tok: _MicroBatchTokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 2, the weighter's per-token weights (1 without one) and its auxiliary loss."""
+    if weighter is None:
+        return tok.fwd.mask.float(), None
+    fwd = tok.fwd
+    hidden = fwd.hidden
+    if hidden is not None and getattr(weighter, "detach_hidden", True):  # the head alone learns from its loss
+        hidden = hidden.detach()
+    batch = TokenBatch(
+        token_ids=fwd.targets, mask=fwd.mask, log_probs=tok.log_probs, entropy=tok.entropy,
+        rollout_entropy=tok.rollout_entropy, answer_mask=tok.answer_mask, hidden=hidden,
+        last_q=fwd.last_q.detach() if fwd.last_q is not None else None,
+        last_k=fwd.last_k.detach() if fwd.last_k is not None else None, prompt_lens=fwd.prompt_lens,
+    )
+    weights = weighter.weights(batch)
+    return weights, weighter.aux_loss(batch, weights)
+
+
+def _old_log_probs(tok: _MicroBatchTokens, config: UpdateConfig, iteration: int, cache: dict[int, torch.Tensor],
+                   key: int) -> torch.Tensor:
+    """Step 3, the "old" policy's log-probs for the ratio.
+
+    recompute: the training forward's own log-probs before the first optimizer step. In iteration 0 the
+    weights have not moved yet, so the detached log-probs of this very forward are exactly what a separate
+    no-grad forward would give (the first ratio is exactly 1) at no extra cost; later iterations reuse them.
+    rollout: the sampler's (KV-cached, possibly lower-precision) log-probs; tokens without one (injected or
+    teacher completions) fall back to the recomputed value.
+    """
+    if iteration == 0:
+        cache[key] = tok.log_probs.detach()
+    recomputed = cache[key]
+    if config.old_log_probs == "rollout":
+        return torch.where(tok.has_rollout, tok.rollout_log_probs, recomputed)
+    return recomputed
+
+
+def _kl_and_entropy_terms(tok: _MicroBatchTokens, mb: Sequence[Episode], config: UpdateConfig,
+                          ref_model: torch.nn.Module | None, sums: _Sums) -> torch.Tensor:
+    """Step 5, beta x KL(pi || pi_ref) - entropy_coef x H per token (0 when both are off)."""
+    extra = torch.zeros_like(tok.log_probs)
+    if config.beta > 0:
+        if ref_model is None:
+            raise ValueError("beta > 0 needs a reference model")
+        with torch.no_grad():
+            ref_fwd = forward_completions(ref_model, mb, config.pad_token_id)
+            ref_log_probs, _, _ = token_statistics(ref_fwd.logits, ref_fwd.targets)
+        kl = kl_penalty(tok.log_probs, ref_log_probs, config.kl_estimator)
+        extra = extra + config.beta * kl
+        sums.add("kl", float((kl.detach() * tok.fwd.mask).sum()))
+    if config.entropy_coef > 0:
+        extra = extra - config.entropy_coef * entropy_with_grad(tok.fwd.logits)
+    return extra
+
+
+def _record_tokens(stats: UpdateStats, tok: _MicroBatchTokens, weights: torch.Tensor, sums: _Sums) -> None:
+    """First-iteration per-token arrays for the credit logger, and token-summed metrics."""
+    mask = tok.fwd.mask
+    m = mask.float()
+    w = weights.detach()
+    sums.add("entropy", float((tok.entropy * m).sum()))
+    sums.add("weight_sum", float((w * m).sum()))
+    sums.add("weight_sq_sum", float((w ** 2 * m).sum()))
+    gap = (tok.rollout_log_probs - tok.log_probs.detach()).abs() * tok.has_rollout
+    sums.add("rollout_gap_sum", float(gap.sum()))
+    sums.add("rollout_gap_tokens", float(tok.has_rollout.sum()))
+    lengths = mask.sum(-1).tolist()
+    for name, t in (("token_log_probs", tok.log_probs.detach()), ("token_entropies", tok.entropy),
+                    ("token_weights", w), ("token_logit_grad_norms", tok.logit_grad_norm)):
+        rows = t.tolist()
+        getattr(stats, name).extend(r[:k] for r, k in zip(rows, lengths))
+
+
+def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: torch.Tensor, config: UpdateConfig,
+                      iteration: int, key: int, cache: dict, totals: _BatchTotals, weighter: Any,
+                      ref_model: torch.nn.Module | None, stats: UpdateStats, sums: _Sums) -> torch.Tensor:
+    """Steps 1-6 for one micro-batch: the scalar loss whose gradient this micro-batch contributes."""
+    tok = _forward_tokens(model, mb, weighter, config.pad_token_id)
+    weights, aux_loss = _token_weights(weighter, tok)
+    old = _old_log_probs(tok, config, iteration, cache, key)
+    token_adv = adv[:, None] * weights  # step 4: the policy loss sees weighted per-token advantages
+    token_loss, loss_metrics = POLICY_LOSSES[config.policy_loss].fn(tok.log_probs, old, token_adv, tok.fwd.mask, config)
+    token_loss = token_loss + _kl_and_entropy_terms(tok, mb, config, ref_model, sums)
+    loss = aggregate_loss(token_loss, tok.fwd.mask, config.agg_mode, max_len=config.max_len,  # step 6
+                          total_tokens=totals.tokens, total_seqs=totals.seqs)
+    if aux_loss is not None:
+        loss = loss + aux_loss * (len(mb) / totals.seqs)
+    n_tok = float(tok.fwd.mask.sum())
+    suffix = "" if iteration == 0 else "/later_iterations"
+    for name, value in loss_metrics.items():
+        sums.add(f"policy:{name}{suffix}", value * n_tok)
+    if iteration == 0:
+        _record_tokens(stats, tok, weights, sums)
+    return loss
+
+
+def _teacher_forcing_loss(model: torch.nn.Module, teachers: Sequence[Episode], config: UpdateConfig,
+                          totals: _BatchTotals, iteration: int, sums: _Sums) -> float:
+    """teacher_forcing_coef x mean NLL of reference completions; backpropagated here, value returned."""
+    total = 0.0
+    for idx in _micro_batches(len(teachers), config.micro_batch_size):
+        fwd = forward_completions(model, [teachers[i] for i in idx], config.pad_token_id)
+        logp, _, _ = token_statistics(fwd.logits, fwd.targets)
+        loss = config.teacher_forcing_coef * aggregate_loss(-logp, fwd.mask, "token-mean",
+                                                            total_tokens=totals.teacher_tokens)
+        loss.backward()
+        total += float(loss.detach())
+        if iteration == 0:
+            sums.add("teacher_nll", float((-logp.detach() * fwd.mask).sum()))
+    return total
+
+
+def _clip_and_step(optimizer: torch.optim.Optimizer, params: list, loss_total: float, max_grad_norm: float
+                   ) -> tuple[bool, float]:
+    """Step 7, clip the gradient norm and step, unless the loss or gradient is non-finite (then nothing moves)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    ok = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok, float(grad_norm)
+
+
+def _summarize(stats: UpdateStats, sums: dict[str, float], totals: _BatchTotals, config: UpdateConfig) -> None:
+    """Token-weighted sums -> per-token means; the policy loss's metrics per iteration group."""
+    tok = max(totals.tokens, 1)
+    stats.metrics["clip_frac"] = 0.0  # losses without a ratio never clip
+    for name, value in sums.items():
+        if name.startswith("policy:"):
+            later = name.endswith("/later_iterations")
+            stats.metrics[name[len("policy:"):]] = value / (tok * (config.num_iterations - 1) if later else tok)
+    if "entropy" in sums:
+        stats.metrics["entropy"] = sums["entropy"] / tok
+        mean_w = sums["weight_sum"] / tok
+        stats.metrics["weight/mean"] = mean_w
+        stats.metrics["weight/std"] = math.sqrt(max(sums["weight_sq_sum"] / tok - mean_w ** 2, 0.0))
+        stats.metrics["rollout_logprob_gap"] = sums["rollout_gap_sum"] / max(sums["rollout_gap_tokens"], 1.0)
+    if "kl" in sums:
+        stats.metrics["kl"] = sums["kl"] / (tok * config.num_iterations)
+    if "teacher_nll" in sums:
+        stats.metrics["teacher_nll"] = sums["teacher_nll"] / max(totals.teacher_tokens, 1)
+
+
 def update_policy(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -501,138 +826,40 @@ def update_policy(
     extra_parameters: Sequence[torch.nn.Parameter] = (),
     teacher_episodes: Sequence[Episode] = (),
 ) -> UpdateStats:
-    """One GRPO update on `episodes` (advantages: one scalar per episode).
+    """One GRPO update on `episodes` (advantages: one scalar per episode); `num_iterations` optimizer steps.
 
-    Per token: loss = policy_loss(A x w) + beta x KL_k3 - entropy_coef x H, aggregated by `loss_agg_mode`
-    over the whole batch (micro-batches accumulate gradients with the full batch's normalizers), where w is
-    the token weighter's weight (1 without one). With `num_iterations` > 1 the same batch is reused with the
-    clipped surrogate against the rollout's log-probs. `teacher_episodes` (optional) add
-    teacher_forcing_coef x mean NLL of reference completions. A non-finite loss or gradient skips the step.
+    Per token: loss = policy_loss(log pi, log pi_old, A x w) + beta x KL - entropy_coef x H, aggregated by
+    `loss_agg_mode` over the whole batch (micro-batches accumulate with the full batch's normalizers), where w
+    is the token weighter's weight (1 without one). `teacher_episodes` add teacher_forcing_coef x mean NLL of
+    reference completions. A non-finite loss or gradient skips the step and leaves the weights unchanged.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters)
-    n = len(episodes)
     adv = advantages.to(device=device, dtype=torch.float32)
-    total_tokens = sum(len(e.generated_token_ids) for e in episodes)
-    tf_tokens = sum(len(e.generated_token_ids) for e in teacher_episodes)
+    totals = _BatchTotals(len(episodes), sum(len(e.generated_token_ids) for e in episodes),
+                          sum(len(e.generated_token_ids) for e in teacher_episodes))
     if weighter is not None:
         weighter.begin_batch([e.entropies for e in episodes])
-    clip = config.ppo_clip or config.num_iterations > 1
-    stats = UpdateStats(metrics={})
-    sums: dict[str, float] = {}
-
-    def add(name: str, value: float) -> None:
-        sums[name] = sums.get(name, 0.0) + value
-
+    stats, sums, old_cache = UpdateStats(metrics={}), _Sums(), {}
+    batches = _micro_batches(len(episodes), config.micro_batch_size)
     model.train()
     for iteration in range(config.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
-        batches = _micro_batches(n, config.micro_batch_size)
-        for idx in tqdm(batches, desc="update", leave=False, disable=None if config.progress else True):
-            mb = [episodes[i] for i in idx]
-            need_hidden = bool(weighter is not None and weighter.needs_hidden)
-            need_qk = bool(weighter is not None and weighter.needs_last_qk)
-            fwd = forward_completions(model, mb, config.pad_token_id, need_hidden, need_qk)
-            logits, targets, mask = fwd.logits, fwd.targets, fwd.mask
-            log_probs, entropy, grad_norm = token_statistics(logits, targets)
-            width = mask.shape[1]
-            old_log_probs = _pad([e.log_probs for e in mb], width, 0.0, torch.float32, device)
-            rollout_entropy = _pad([e.entropies for e in mb], width, 0.0, torch.float32, device)
-            answer_mask = torch.zeros_like(mask)
-            for row, e in enumerate(mb):
-                if e.answer_start is not None:
-                    answer_mask[row, e.answer_start:] = True
-            answer_mask &= mask
-
-            weights = torch.ones_like(log_probs)
-            aux_loss = None
-            if weighter is not None:
-                batch = TokenBatch(
-                    token_ids=targets, mask=mask, log_probs=log_probs, entropy=entropy,
-                    rollout_entropy=rollout_entropy, answer_mask=answer_mask,
-                    hidden=fwd.hidden.detach() if need_hidden else None,
-                    last_q=fwd.last_q.detach() if need_qk else None,
-                    last_k=fwd.last_k.detach() if need_qk else None, prompt_lens=fwd.prompt_lens,
-                )
-                weights = weighter.weights(batch)
-                aux_loss = weighter.aux_loss(batch, weights)
-
-            token_adv = adv[list(idx)][:, None] * weights
-            # with one iteration the "old" policy is the current one: ratio 1, plain policy gradient
-            old = old_log_probs if iteration > 0 or config.num_iterations > 1 else log_probs.detach()
-            token_loss, clipped = policy_loss_per_token(
-                log_probs, old, token_adv, clip, config.epsilon_low, config.epsilon_high)
-            if config.beta > 0:
-                if ref_model is None:
-                    raise ValueError("beta > 0 needs a reference model")
-                with torch.no_grad():
-                    ref_logits = forward_completions(ref_model, mb, config.pad_token_id).logits
-                    ref_log_probs, _, _ = token_statistics(ref_logits, targets)
-                kl = kl_k3(log_probs, ref_log_probs)
-                token_loss = token_loss + config.beta * kl
-                add("kl", float((kl.detach() * mask).sum()))
-            if config.entropy_coef > 0:
-                token_loss = token_loss - config.entropy_coef * entropy_with_grad(logits)
-            loss = aggregate_loss(token_loss, mask, config.loss_agg_mode, max_len=config.max_len,
-                                  total_tokens=total_tokens, total_seqs=n)
-            if aux_loss is not None:
-                loss = loss + aux_loss * (len(idx) / n)
+        for key, idx in enumerate(tqdm(batches, desc="update", leave=False, disable=None if config.progress else True)):
+            loss = _micro_batch_loss(model, [episodes[i] for i in idx], adv[list(idx)], config, iteration, key,
+                                     old_cache, totals, weighter, ref_model, stats, sums)
             loss.backward()
             loss_total += float(loss.detach())
-
-            if iteration == 0:
-                m = mask.float()
-                add("entropy", float((entropy * m).sum()))
-                add("clip_frac", float((clipped.float() * m).sum()))
-                add("weight_sum", float((weights.detach() * m).sum()))
-                add("weight_sq_sum", float((weights.detach() ** 2 * m).sum()))
-                for row in range(len(mb)):
-                    k = int(mask[row].sum())
-                    stats.token_log_probs.append(log_probs[row, :k].detach().tolist())
-                    stats.token_entropies.append(entropy[row, :k].tolist())
-                    stats.token_weights.append(weights[row, :k].detach().tolist())
-                    stats.token_logit_grad_norms.append(grad_norm[row, :k].tolist())
-            elif config.num_iterations > 1:
-                add("clip_frac_late", float((clipped.float() * mask).sum()))
-
         if teacher_episodes and config.teacher_forcing_coef > 0:
-            for idx in _micro_batches(len(teacher_episodes), config.micro_batch_size):
-                mb = [teacher_episodes[i] for i in idx]
-                fwd = forward_completions(model, mb, config.pad_token_id)
-                logp, _, _ = token_statistics(fwd.logits, fwd.targets)
-                mask = fwd.mask
-                loss = config.teacher_forcing_coef * aggregate_loss(-logp, mask, "token-mean", total_tokens=tf_tokens)
-                loss.backward()
-                loss_total += float(loss.detach())
-                if iteration == 0:
-                    add("teacher_nll", float((-logp.detach() * mask).sum()))
-
-        grad_norm_total = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if not (math.isfinite(loss_total) and torch.isfinite(grad_norm_total)):
-            optimizer.zero_grad(set_to_none=True)
+            loss_total += _teacher_forcing_loss(model, teacher_episodes, config, totals, iteration, sums)
+        ok, grad_norm = _clip_and_step(optimizer, params, loss_total, config.max_grad_norm)
+        if iteration == 0 or not ok:
+            stats.metrics.update({"loss": loss_total, "grad_norm": grad_norm})
+        if not ok:
             stats.skipped = True
-            stats.metrics.update({"loss": loss_total, "grad_norm": float(grad_norm_total)})
             break
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if iteration == 0:
-            stats.metrics["loss"] = loss_total
-            stats.metrics["grad_norm"] = float(grad_norm_total)
-
-    tok = max(total_tokens, 1)
-    if "entropy" in sums:
-        stats.metrics["entropy"] = sums["entropy"] / tok
-        stats.metrics["clip_frac"] = sums["clip_frac"] / tok
-        mean_w = sums["weight_sum"] / tok
-        stats.metrics["weight/mean"] = mean_w
-        stats.metrics["weight/std"] = math.sqrt(max(sums["weight_sq_sum"] / tok - mean_w ** 2, 0.0))
-    if "clip_frac_late" in sums:  # with num_iterations > 1 the ratio moves away from 1 after the first pass
-        stats.metrics["clip_frac/later_iterations"] = sums["clip_frac_late"] / (tok * (config.num_iterations - 1))
-    if "kl" in sums:
-        stats.metrics["kl"] = sums["kl"] / (tok * config.num_iterations)
-    if "teacher_nll" in sums:
-        stats.metrics["teacher_nll"] = sums["teacher_nll"] / max(tf_tokens, 1)
+    _summarize(stats, sums.values, totals, config)
     if weighter is not None:
         stats.metrics.update(weighter.pop_metrics())
     return stats

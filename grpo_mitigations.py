@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -60,7 +62,7 @@ def entropy_threshold(entropies: torch.Tensor, mask_percentile: float) -> float:
 def entropy_mask_weights(entropy: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
     """1 for tokens at or above the batch threshold, else 0 (Wang et al. 2025, "Beyond the 80/20 rule").
 
-    Best with PPO clipping (algorithm.ppo_clip): the paper trains with DAPO; in plain GRPO the surviving
+    Best with PPO clipping (algorithm.policy_loss=ppo, num_iterations > 1): the paper trains with DAPO; in plain GRPO the surviving
     high-entropy tokens have the most negative log-probs and the update concentrates on them.
     """
     return (entropy.detach() >= threshold).float() * mask
@@ -131,6 +133,18 @@ def attribution_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 # ============================================================================ weighters (the loop's adapters)
 
+@dataclass(frozen=True)
+class Param:
+    """A weighter's tunable parameter, declared once on its class: the config key `mitigation.<name>`,
+    the `train_mitigations.py --<name>` flag, the validation and the docs all come from here."""
+
+    default: Any
+    help: str
+    valid: str = ""  # the rule in words, for error messages
+    check: Callable[[Any], bool] = lambda v: True
+    type: Any = float
+
+
 WEIGHTERS: dict[str, type[TokenWeighter]] = {}
 
 
@@ -142,6 +156,24 @@ def register_weighter(name: str) -> Callable[[type], type]:
     return add
 
 
+def weighter_params() -> dict[str, tuple[str, Param]]:
+    """Every declared parameter: name -> (owning weighter, Param), in registration order."""
+    out: dict[str, tuple[str, Param]] = {}
+    for wname, cls in WEIGHTERS.items():
+        for pname, param in cls.params.items():
+            if pname in out and out[pname][0] != wname:
+                raise RuntimeError(f"weighters {out[pname][0]!r} and {wname!r} both declare {pname!r}")
+            out.setdefault(pname, (wname, param))
+    return out
+
+
+def check_params(values: dict[str, Any]) -> list[str]:
+    """Messages for values that break their Param's rule (empty when all are valid)."""
+    params = weighter_params()
+    return [f"mitigation.{k} must be {params[k][1].valid} (got {v})" for k, v in values.items()
+            if k in params and v is not None and not params[k][1].check(v)]
+
+
 @register_weighter("none")
 class TokenWeighter:
     """Weight 1 everywhere: plain GRPO. Base class of the others."""
@@ -149,6 +181,7 @@ class TokenWeighter:
     name = "none"
     needs_hidden = False
     needs_last_qk = False
+    params: dict[str, Param] = {}
 
     def __init__(self, **_: float):
         self._sums: dict[str, float] = {}
@@ -191,9 +224,10 @@ def _check(ok: bool, message: str) -> None:
 
 @register_weighter("outcome_conditional")
 class OutcomeConditionalWeighter(TokenWeighter):
-    def __init__(self, think_discount: float = 0.5, **_: float):
+    params = {"think_discount": Param(0.5, "weight of tokens before <answer>", "in [0, 1]", lambda v: 0 <= v <= 1)}
+
+    def __init__(self, think_discount: float = 0.5, **_: Any):
         super().__init__()
-        _check(0.0 <= think_discount <= 1.0, f"think_discount must be in [0, 1], got {think_discount}")
         self.think_discount = think_discount
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:
@@ -202,9 +236,10 @@ class OutcomeConditionalWeighter(TokenWeighter):
 
 @register_weighter("inverse_logprob")
 class InverseLogprobWeighter(TokenWeighter):
-    def __init__(self, epsilon: float = 0.1, **_: float):
+    params = {"epsilon": Param(0.1, "w = 1 / (|log_prob| + epsilon)", "> 0", lambda v: v > 0)}
+
+    def __init__(self, epsilon: float = 0.1, **_: Any):
         super().__init__()
-        _check(epsilon > 0, f"epsilon must be > 0, got {epsilon}")
         self.epsilon = epsilon
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:
@@ -215,9 +250,10 @@ class InverseLogprobWeighter(TokenWeighter):
 class AttentionCreditWeighter(TokenWeighter):
     needs_last_qk = True
 
-    def __init__(self, credit_scale: float = 2.0, **_: float):
+    params = {"credit_scale": Param(2.0, "think weights clamped to [1/scale, scale]", ">= 1", lambda v: v >= 1)}
+
+    def __init__(self, credit_scale: float = 2.0, **_: Any):
         super().__init__()
-        _check(credit_scale >= 1, f"credit_scale must be >= 1, got {credit_scale}")
         self.credit_scale = credit_scale
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:
@@ -227,9 +263,10 @@ class AttentionCreditWeighter(TokenWeighter):
 
 @register_weighter("entropy_weighted")
 class EntropyWeightedWeighter(TokenWeighter):
-    def __init__(self, entropy_temp: float = 1.0, **_: float):
+    params = {"entropy_temp": Param(1.0, "w = softmax(H / temp) x count", "> 0", lambda v: v > 0)}
+
+    def __init__(self, entropy_temp: float = 1.0, **_: Any):
         super().__init__()
-        _check(entropy_temp > 0, f"entropy_temp must be > 0, got {entropy_temp}")
         self.entropy_temp = entropy_temp
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:
@@ -238,9 +275,11 @@ class EntropyWeightedWeighter(TokenWeighter):
 
 @register_weighter("entropy_masking")
 class EntropyMaskingWeighter(TokenWeighter):
-    def __init__(self, mask_percentile: float = 80.0, **_: float):
+    params = {"mask_percentile": Param(80.0, "keep tokens at or above this batch entropy percentile",
+                                       "in [0, 100)", lambda v: 0 <= v < 100)}
+
+    def __init__(self, mask_percentile: float = 80.0, **_: Any):
         super().__init__()
-        _check(0 <= mask_percentile < 100, f"mask_percentile must be in [0, 100), got {mask_percentile}")
         self.mask_percentile = mask_percentile
         self.threshold = float("inf")
 
@@ -263,11 +302,16 @@ class AttributionWeighter(TokenWeighter):
 
     needs_hidden = True
 
+    params = {
+        "attribution_entropy_coef": Param(0.0, "entropy regularizer on the learned weights", ">= 0", lambda v: v >= 0),
+        "attribution_lr": Param(None, "learning rate of the head (default: the policy's)", "> 0",
+                                lambda v: v > 0, Optional[float]),
+    }
+
     def __init__(self, hidden_size: int = 0, attribution_entropy_coef: float = 0.0,
-                 device: torch.device | str = "cpu", **_: float):
+                 device: torch.device | str = "cpu", **_: Any):
         super().__init__()
         _check(hidden_size > 0, "the attribution weighter needs the model's hidden_size")
-        _check(attribution_entropy_coef >= 0, f"attribution_entropy_coef must be >= 0, got {attribution_entropy_coef}")
         self.head = AttributionHead(hidden_size).to(device)
         self.entropy_coef = attribution_entropy_coef
 
@@ -304,8 +348,12 @@ class AttributionWeighter(TokenWeighter):
         self.head.load_state_dict(state)
 
 
-def build_weighter(name: str, **params: float) -> TokenWeighter:
-    """A weighter by registered name; each takes the parameters it knows and ignores the rest."""
+def build_weighter(name: str, **params: Any) -> TokenWeighter:
+    """A weighter by registered name; each takes its declared parameters (checked here) and ignores the rest."""
     if name not in WEIGHTERS:
         raise ValueError(f"unknown mitigation {name!r}; valid: {', '.join(sorted(WEIGHTERS))}")
+    own = {k: v for k, v in params.items() if k in WEIGHTERS[name].params}
+    problems = check_params(own)
+    if problems:
+        raise ValueError("; ".join(problems))
     return WEIGHTERS[name](**params)

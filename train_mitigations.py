@@ -14,18 +14,12 @@ from __future__ import annotations
 import sys
 from pathlib import PurePosixPath
 
-from grpo_mitigations import WEIGHTERS
+from grpo_mitigations import WEIGHTERS, weighter_params
 from train import build_parser, run
 
-MITIGATION_FLAGS = {
-    "think_discount": "outcome_conditional: weight of tokens before <answer> (default 0.5)",
-    "epsilon": "inverse_logprob: w = 1 / (|log_prob| + epsilon) (default 0.1)",
-    "credit_scale": "attention_credit: think weights clamped to [1/scale, scale] (default 2.0)",
-    "entropy_temp": "entropy_weighted: w = softmax(H / temp) x count (default 1.0)",
-    "mask_percentile": "entropy_masking: keep tokens at or above this batch entropy percentile (default 80)",
-    "attribution_entropy_coef": "attribution: entropy regularizer on the learned weights (default 0)",
-    "attribution_lr": "attribution: learning rate of the head (default: the policy's)",
-}
+def mitigation_flags() -> dict[str, str]:
+    """--flag -> help text, from the parameters each weighter declares (grpo_mitigations.Param)."""
+    return {name: f"{owner}: {p.help} (default {p.default})" for name, (owner, p) in weighter_params().items()}
 
 
 def sibling(path: str, name: str) -> str:
@@ -47,7 +41,8 @@ def mitigation_overrides(name: str, flags: dict[str, float | None], log_dir: str
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_config="config_instrumented.yaml")
     parser.add_argument("--mitigation", required=True, choices=sorted(WEIGHTERS), help="token weighter")
-    for flag, text in MITIGATION_FLAGS.items():
+    flags = mitigation_flags()
+    for flag, text in flags.items():
         parser.add_argument(f"--{flag}", type=float, default=None, help=text)
     args = parser.parse_args(argv)
     from config import ConfigError, load_config
@@ -57,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    flags = {k: getattr(args, k) for k in MITIGATION_FLAGS}
-    extra = mitigation_overrides(args.mitigation, flags, base.training.log_dir, base.credit.dir, base.training.ckpt_dir)
+    values = {k: getattr(args, k) for k in flags}
+    extra = mitigation_overrides(args.mitigation, values, base.training.log_dir, base.credit.dir, base.training.ckpt_dir)
     return run(args.config, list(args.overrides) + extra, args.resume)
 
 

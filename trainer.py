@@ -27,7 +27,7 @@ from config import Config
 from credit_logger import CreditLogger, step_files
 from data_types import Episode
 from fileio import atomic_write_text
-from grpo_mitigations import TokenWeighter, build_weighter
+from grpo_mitigations import TokenWeighter, build_weighter, weighter_params
 from optimizer import build_optimizer
 from qwen2_model import Transformer
 from tokenizer import Tokenizer
@@ -239,18 +239,74 @@ class TrainResult:
     stopped_by_signal: bool = False
 
 
-def _step_metrics(episodes: Sequence[Episode], kept: Sequence[Episode], advantages: torch.Tensor,
-                  zero_std_frac: float) -> dict[str, float]:
-    rw = np.array([e.reward for e in episodes])
-    lengths = np.array([len(e.generated_token_ids) for e in episodes])
+def zero_variance(rewards: torch.Tensor) -> torch.Tensor:
+    """[num_groups] bool: groups whose answers all scored the same (no group-relative signal)."""
+    return rewards.double().std(-1, unbiased=False) < 1e-12
+
+
+def shape_rewards(episodes: Sequence[Episode], config: Config) -> None:
+    """DAPO's overlong penalty, added to each episode's reward (reward_info keeps the penalty)."""
+    a, t = config.algorithm, config.training
+    if a.overlong_buffer_len <= 0:
+        return
+    lengths = torch.tensor([len(e.generated_token_ids) for e in episodes])
+    penalty = grpo.overlong_penalty(lengths, t.max_new_tokens, a.overlong_buffer_len, a.overlong_penalty)
+    for e, p in zip(episodes, penalty.tolist()):
+        e.reward += p
+        e.reward_info["overlong_penalty"] = p
+
+
+def collect_groups(model: Transformer, tokenizer: Tokenizer, train_set: Sequence, sampler: QuestionSampler,
+                   config: Config, generator: torch.Generator) -> tuple[list[Episode], torch.Tensor, dict[str, float]]:
+    """Roll out one batch of groups: (episodes group-major, rewards [groups, G], sampling metrics).
+
+    With `algorithm.dynamic_sampling` (DAPO) zero-variance groups are dropped and more questions are rolled
+    out until `num_questions_per_batch` informative groups are held or `max_sampling_rounds` is reached.
+    """
+    t, a = config.training, config.algorithm
+    g, want = t.num_answers_per_question, t.num_questions_per_batch
+    episodes: list[Episode] = []
+    rounds, drawn, zero_var = 0, 0, 0
+    while True:
+        rounds += 1
+        problems = [train_set[i] for i in sampler.next(want)]
+        prompts = [task.build_prompt(p, config.data.prompt_style) for p in problems]
+        new = grpo.rollout(model, tokenizer, problems, prompts, reward_for, g, t.max_new_tokens,
+                           t.temperature, t.top_p, generator, progress=True)
+        shape_rewards(new, config)
+        rewards = torch.tensor([e.reward for e in new], dtype=torch.float64).view(-1, g)
+        flat = zero_variance(rewards)
+        drawn, zero_var = drawn + len(problems), zero_var + int(flat.sum())
+        if not a.dynamic_sampling:
+            episodes = new
+            break
+        episodes += [e for q in range(len(problems)) if not flat[q] for e in new[q * g:(q + 1) * g]]
+        if len(episodes) >= want * g or rounds >= a.max_sampling_rounds:
+            break
+    episodes = episodes[: want * g]
+    metrics = {"groups/zero_variance_frac": zero_var / drawn}
+    if a.dynamic_sampling:
+        metrics.update({"sampling/rounds": float(rounds), "sampling/informative_groups": len(episodes) / g})
+        if len(episodes) < want * g:
+            print(f"[dynamic sampling] only {len(episodes) // g}/{want} informative groups after {rounds} rounds "
+                  f"(algorithm.max_sampling_rounds); training on those")
+    rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64).view(-1, g)
+    return episodes, rewards, metrics
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else 0.0
+
+
+def _step_metrics(episodes: Sequence[Episode], kept: Sequence[Episode], advantages: torch.Tensor) -> dict[str, float]:
+    rewards = [e.reward for e in episodes]
     m = {
-        "reward/mean": float(rw.mean()),
-        "reward/std": float(rw.std()),
-        "success_rate/train": float(np.mean([e.reward_info["answer_reward"] == 1.0 for e in episodes])),
-        "format_reward/train": float(np.mean([e.reward_info["format_reward"] for e in episodes])),
-        "response_length": float(lengths.mean()),
-        "finished_frac": float(np.mean([e.finished for e in episodes])),
-        "zero_std_group_frac": zero_std_frac,
+        "reward/mean": _mean(rewards),
+        "reward/std": float(np.std(rewards)) if rewards else 0.0,
+        "success_rate/train": _mean([e.reward_info["answer_reward"] == 1.0 for e in episodes]),
+        "format_reward/train": _mean([e.reward_info["format_reward"] for e in episodes]),
+        "response_length": _mean([len(e.generated_token_ids) for e in episodes]),
+        "finished_frac": _mean([e.finished for e in episodes]),
         "groups_kept": float(len(kept) / max(len(episodes), 1)),
     }
     if advantages.numel():
@@ -291,9 +347,8 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
         ref_model = Transformer.from_pretrained(model_dir, device=device, dtype=DTYPES[config.model.dtype])
         ref_model.requires_grad_(False).eval()
     weighter: TokenWeighter = build_weighter(
-        m.name, hidden_size=model.config.hidden_size, device=device, think_discount=m.think_discount,
-        epsilon=m.epsilon, credit_scale=m.credit_scale, entropy_temp=m.entropy_temp,
-        mask_percentile=m.mask_percentile, attribution_entropy_coef=m.attribution_entropy_coef)
+        m.name, hidden_size=model.config.hidden_size, device=device,
+        **{k: getattr(m, k) for k in weighter_params()})
     param_groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if weighter.parameters():
         param_groups.append({"params": weighter.parameters(), "lr": m.attribution_lr or t.learning_rate})
@@ -321,8 +376,9 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     (log_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     update_cfg = grpo.UpdateConfig(
         micro_batch_size=t.micro_batch_size, loss_agg_mode=a.loss_agg_mode, max_len=t.max_new_tokens,
-        max_grad_norm=t.max_grad_norm, ppo_clip=a.ppo_clip, num_iterations=a.num_iterations,
-        epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, beta=a.beta, entropy_coef=a.entropy_coef,
+        max_grad_norm=t.max_grad_norm, policy_loss=a.policy_loss, old_log_probs=a.old_log_probs,
+        num_iterations=a.num_iterations, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,
+        clip_ratio_c=a.clip_ratio_c, beta=a.beta, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
         teacher_forcing_coef=a.teacher_forcing_coef, pad_token_id=tokenizer.pad_token_id, progress=True)
     eval_sets = {"eval": test_set[: config.eval.num_problems]}
     if config.eval.transfer_num_numbers:
@@ -355,18 +411,12 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
         while step < t.max_steps and not stop["stop"]:
             step += 1
             t0 = time.perf_counter()
-            idx = sampler.next(t.num_questions_per_batch)
-            problems = [train_set[i] for i in idx]
-            prompts = [task.build_prompt(p, config.data.prompt_style) for p in problems]
             model.eval()
-            episodes = grpo.rollout(model, tokenizer, problems, prompts, reward_for, t.num_answers_per_question,
-                                    t.max_new_tokens, t.temperature, t.top_p, generator, progress=True)
+            episodes, rewards, metrics = collect_groups(model, tokenizer, train_set, sampler, config, generator)
             t_rollout = time.perf_counter() - t0
             g = t.num_answers_per_question
-            rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64).view(-1, g)
-            zero_std_frac = float((rewards.std(-1, unbiased=False) < 1e-12).float().mean())
             top_k = a.rollout_filter_value if a.rollout_filter == "top_k" else None
-            keep = grpo.select_groups(rewards, top_k, a.drop_zero_std_groups)
+            keep = grpo.select_groups(rewards, top_k, drop_zero_std=a.zero_variance_groups == "drop")
             tau = grpo.tau_at_step(step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)
             advantages = torch.zeros(0, g)
             kept: list[Episode] = []
@@ -378,8 +428,10 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
             if t.skip_unfinished_episodes:
                 use = [i for i, e in enumerate(kept) if e.finished]
                 kept, flat_adv = [kept[i] for i in use], flat_adv[use]
-            metrics = _step_metrics(episodes, kept, advantages, zero_std_frac)
+            metrics.update(_step_metrics(episodes, kept, advantages))
             metrics["tau"] = tau
+            problems = [episodes[q * g].problem for q in range(len(episodes) // g)]
+            prompts = [episodes[q * g].prompt for q in range(len(episodes) // g)]
 
             warm = min(1.0, step / t.lr_warmup_steps) if t.lr_warmup_steps else 1.0
             for group, base in zip(optimizer.param_groups, base_lrs):  # a function of the step: resumes exactly

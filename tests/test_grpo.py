@@ -147,40 +147,60 @@ def test_gradient_accumulation_equals_full_batch(mode):
     assert sum(parts).item() == pytest.approx(full.item(), rel=1e-6)
 
 
-def test_clipped_surrogate_with_one_iteration_is_the_plain_policy_gradient():
+class _Eps:
+    epsilon_low, epsilon_high, clip_ratio_c = 0.2, 0.28, 3.0
+
+
+def test_ppo_with_ratio_one_is_the_plain_policy_gradient():
     torch.manual_seed(2)
     logits = torch.randn(3, 6, requires_grad=True)
     adv = torch.tensor([[1.5], [-0.7], [0.3]]).expand(3, 6)
+    mask = torch.ones(3, 6, dtype=torch.bool)
     lp = torch.log_softmax(logits, -1)
-    plain, _ = grpo.policy_loss_per_token(lp, lp.detach(), adv, clip=False)
+    plain, _ = grpo.POLICY_LOSSES["pg"].fn(lp, lp.detach(), adv, mask, _Eps)
     (g_plain,) = torch.autograd.grad(plain.sum(), logits)
-    lp = torch.log_softmax(logits, -1)
-    clipped, was_clipped = grpo.policy_loss_per_token(lp, lp.detach(), adv, clip=True, epsilon_low=0.2,
-                                                      epsilon_high=0.28)
-    (g_clip,) = torch.autograd.grad(clipped.sum(), logits)
-    torch.testing.assert_close(g_clip, g_plain)
-    assert not was_clipped.any()
+    for name in ("ppo", "dual_clip", "cispo"):
+        lp = torch.log_softmax(logits, -1)
+        loss, metrics = grpo.POLICY_LOSSES[name].fn(lp, lp.detach(), adv, mask, _Eps)
+        (g,) = torch.autograd.grad(loss.sum(), logits)
+        torch.testing.assert_close(g, g_plain)
+        assert metrics["clip_frac"] == 0.0
 
 
 def test_clipping_stops_the_gradient_outside_the_trust_region():
     lp = torch.tensor([0.0, 0.0, 0.0, 0.0], requires_grad=True)
     old = torch.log(torch.tensor([0.5, 2.0, 0.5, 2.0]))  # ratios 2, 0.5, 2, 0.5
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
-    loss, clipped = grpo.policy_loss_per_token(lp, old, adv, clip=True, epsilon_low=0.2, epsilon_high=0.28)
+    loss, metrics = grpo.POLICY_LOSSES["ppo"].fn(lp, old, adv, torch.ones(4, dtype=torch.bool), _Eps)
     loss.sum().backward()
     # A > 0 and ratio above 1 + eps_high: clipped, no gradient; A > 0 and ratio low: still pushed up
     # A < 0 and ratio high: pushed down; A < 0 and ratio below 1 - eps_low: clipped
-    assert clipped.tolist() == [True, False, False, True]
+    assert metrics["clip_frac"] == 0.5
     assert lp.grad.tolist() == pytest.approx([0.0, -0.5, 2.0, 0.0])
     assert loss.tolist() == pytest.approx([-1.28, -0.5, 2.0, 0.8])
 
 
-def test_kl_k3():
+def test_kl_estimators():
     lp = torch.log(torch.tensor([0.2, 0.5, 0.9]))
     ref = torch.log(torch.tensor([0.4, 0.5, 0.3]))
     d = (ref - lp).numpy()
-    np.testing.assert_allclose(grpo.kl_k3(lp, ref).numpy(), np.exp(d) - d - 1, rtol=1e-6)
+    np.testing.assert_allclose(grpo.kl_penalty(lp, ref, "k3").numpy(), np.exp(d) - d - 1, rtol=1e-6)
+    np.testing.assert_allclose(grpo.kl_penalty(lp, ref, "k1").numpy(), -d, rtol=1e-6)
+    np.testing.assert_allclose(grpo.kl_penalty(lp, ref, "k2").numpy(), 0.5 * d ** 2, rtol=1e-6)
     assert grpo.kl_k3(lp, lp).abs().max() == 0
+    # an infinite log-prob on either side: large and finite, never NaN (log-ratio clamped at +-20)
+    inf = torch.tensor([float("-inf"), 0.0])
+    k3 = grpo.kl_k3(inf, torch.tensor([0.0, float("-inf")]))
+    assert torch.isfinite(k3).all() and k3[0] == pytest.approx(math.exp(20) - 21, rel=1e-5)
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        grpo.kl_penalty(lp, ref, "k4")
+
+
+def test_overlong_penalty_is_dapo_linear_ramp():
+    lengths = torch.tensor([10, 80, 81, 90, 100])
+    got = grpo.overlong_penalty(lengths, max_len=100, buffer_len=20, penalty=1.0)
+    assert got.tolist() == pytest.approx([0.0, 0.0, -0.05, -0.5, -1.0])
+    assert grpo.overlong_penalty(lengths, 100, 0, 1.0).abs().sum() == 0
 
 
 def test_token_statistics():
@@ -390,11 +410,13 @@ def test_non_finite_loss_skips_the_update():
 def test_ppo_iterations_and_kl_to_a_reference():
     model, ref = tiny_model(), tiny_model()
     ep = _episode([1, 2, 3], [4, 5, 6])
-    ep.log_probs = [-8.0, -8.0, -8.0]  # an old policy far less sure (current ~ -3): ratio ~ e^5 > 1 + eps, clipped
+    ep.log_probs = [-8.0, -8.0, -8.0]  # a sampler far less sure (current ~ -3): ratio ~ e^5 > 1 + eps, clipped
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cfg = grpo.UpdateConfig(num_iterations=2, ppo_clip=True, epsilon_low=0.2, epsilon_high=0.2, beta=0.1)
+    cfg = grpo.UpdateConfig(num_iterations=2, policy_loss="ppo", old_log_probs="rollout", epsilon_low=0.2,
+                            epsilon_high=0.2, beta=0.1)
     stats = grpo.update_policy(model, opt, [ep], torch.tensor([1.0]), cfg, ref_model=ref)
     assert stats.metrics["clip_frac"] == 1.0
+    assert stats.metrics["rollout_logprob_gap"] > 3.0
     assert 0.0 <= stats.metrics["clip_frac/later_iterations"] <= 1.0
     assert stats.metrics["kl"] >= 0 and math.isfinite(stats.metrics["kl"])
 

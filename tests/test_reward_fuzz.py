@@ -106,6 +106,8 @@ def oracle_value(expr):
         return None
     if len(expr) > ct.MAX_EXPRESSION_CHARS or not expr.strip():
         return None
+    if re.search(r"[A-Za-z_.]", expr):  # Python reads 0x1, 1_0 and 1. as numbers; Countdown literals are decimal digits
+        return None
     try:
         tree = ast.parse(expr.lstrip(" "), mode="eval")
     except SyntaxError:

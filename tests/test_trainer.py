@@ -4,6 +4,7 @@ signals, the non-finite guard and determinism."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -45,7 +46,7 @@ def test_three_steps_write_events_metrics_and_a_reference_loadable_checkpoint(ti
     rows = read_metrics(tmp_path / "logs")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for key in ("loss", "reward/mean", "reward/std", "success_rate/train", "format_reward/train", "grad_norm",
-                "entropy", "response_length", "finished_frac", "clip_frac", "zero_std_group_frac",
+                "entropy", "response_length", "finished_frac", "clip_frac", "groups/zero_variance_frac", "rollout_logprob_gap",
                 "advantage/mean", "advantage/std", "advantage/max", "advantage/ess", "duration/step", "tokens_per_s"):
         assert key in rows[1], key
     assert "success_rate/eval" in rows[0] and "success_rate/eval" in rows[2] and "success_rate/eval" in rows[3]
@@ -228,3 +229,58 @@ def test_bad_inputs_are_one_line_errors_not_tracebacks(tiny_assets, tmp_path, ca
     assert train.main(["--config", str(cfg_file), f"data.path={tiny_assets['data']}",
                        f"model.path={tmp_path / 'Qwen2.5-3B-Instruct'}"]) == 1
     assert "Qwen2.5-3B-Instruct" in capsys.readouterr().err
+
+
+def _fake_rollout(informative: set[int]):
+    """A rollout stand-in: question q's group has rewards [1, 0, 0, ...] if q is informative, else all 0."""
+    def rollout(model, tokenizer, problems, prompts, reward_fn, g, *args, **kwargs):
+        from data_types import Episode
+        return [Episode(prompt=str(p), prompt_token_ids=[1], generated_token_ids=[2], text="",
+                        reward=float(p in informative and j == 0), reward_info={"answer_reward": 0.0, "format_reward": 0.0},
+                        finished=True, group_idx=q, problem=p) for q, p in enumerate(problems) for j in range(g)]
+    return rollout
+
+
+@pytest.mark.parametrize("rounds_allowed, expect_groups", [(10, 4), (2, 2)])
+def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_says_it_stopped(
+        tiny_assets, tmp_path, monkeypatch, capsys, rounds_allowed, expect_groups):
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"num_questions_per_batch": 4},
+                                      algorithm={"dynamic_sampling": True, "max_sampling_rounds": rounds_allowed}))
+    train_set = list(range(40))
+    informative = {q for q in train_set if q % 4 == 0}  # one informative question in four
+    monkeypatch.setattr(grpo, "rollout", _fake_rollout(informative))
+    monkeypatch.setattr(trainer.task, "build_prompt", lambda p, style: str(p))
+    sampler = trainer.QuestionSampler(len(train_set), 0)
+    episodes, rewards, metrics = trainer.collect_groups(None, None, train_set, sampler, cfg, None)
+    g = cfg.training.num_answers_per_question
+    assert rewards.shape == (expect_groups, g) and len(episodes) == expect_groups * g
+    assert all(e.problem in informative for e in episodes)
+    assert (rewards.std(-1) > 0).all()
+    assert metrics["sampling/informative_groups"] == expect_groups
+    assert metrics["sampling/rounds"] >= 2
+    assert metrics["groups/zero_variance_frac"] == pytest.approx(1 - expect_groups / (4 * metrics["sampling/rounds"]), abs=0.26)
+    said = capsys.readouterr().out
+    assert ("after 2 rounds" in said) == (rounds_allowed == 2)
+
+
+def test_without_dynamic_sampling_zero_variance_groups_are_counted_and_kept(tiny_assets, tmp_path, monkeypatch):
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"num_questions_per_batch": 4}))
+    monkeypatch.setattr(grpo, "rollout", _fake_rollout({0}))
+    monkeypatch.setattr(trainer.task, "build_prompt", lambda p, style: str(p))
+    sampler = trainer.QuestionSampler(8, 0)
+    episodes, rewards, metrics = trainer.collect_groups(None, None, list(range(8)), sampler, cfg, None)
+    assert rewards.shape[0] == 4
+    assert metrics["groups/zero_variance_frac"] == (3 / 4 if 0 in {e.problem for e in episodes} else 1.0)
+    assert "sampling/rounds" not in metrics
+
+
+@pytest.mark.parametrize("loss_name", sorted(grpo.POLICY_LOSSES))
+def test_every_policy_loss_trains_end_to_end(tiny_assets, tmp_path, loss_name):
+    cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"max_steps": 2},
+                                      algorithm={"policy_loss": loss_name, "num_iterations": 2,
+                                                 "overlong_buffer_len": 4}))
+    result = trainer.train(cfg)
+    rows = read_metrics(tmp_path / "logs")
+    assert result.step == 2 and all(math.isfinite(rows[-1][k]) for k in ("loss", "grad_norm", "rollout_logprob_gap"))
+    assert rows[-1]["clip_frac"] == 0.0  # recompute: the first pass's ratio is exactly 1
+    assert ("clip_frac/later_iterations" in rows[-1]) == grpo.POLICY_LOSSES[loss_name].uses_ratio

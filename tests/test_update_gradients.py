@@ -1,0 +1,265 @@
+"""Every term of the update, proven on the gradient.
+
+One `update_policy` call with SGD (lr 1, no norm clipping) moves each parameter by minus the gradient of the
+loss it optimizes. Here that loss is written out again from the formulas (per sequence, unpadded forwards,
+plain Python loops for the aggregation), and the parameter change must equal minus its gradient, for every
+policy loss, every token weighter, KL estimator and entropy bonus, in two aggregation modes and two
+micro-batch sizes. Replacing the weights with ones, dropping a stop-gradient or flipping the KL sign each
+changes the gradient, so each fails here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import grpo
+import grpo_mitigations as gm
+from data_types import Episode
+from qwen2_model import ModelConfig, Transformer
+
+VOCAB = 23
+ADVANTAGES = [1.3, -0.8, 0.5, -1.1]
+AGG_MODES = ("token-mean", "seq-mean-token-sum")
+MAX_LEN = 9
+EPS_LOW, EPS_HIGH, CLIP_C = 0.2, 0.28, 3.0
+
+
+def make_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, torch_dtype="float32")
+    return Transformer.from_config(cfg, dtype=torch.float32)
+
+
+def per_sequence_forward(model: Transformer, e: Episode, **kw):
+    """Unpadded forward of one prompt + completion; outputs at the positions predicting completion tokens."""
+    seq = torch.tensor([e.prompt_token_ids + e.generated_token_ids])
+    p, n = len(e.prompt_token_ids), len(e.generated_token_ids)
+    out = model(seq, **kw)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    logp = torch.log_softmax(logits[0, p - 1: p - 1 + n].float(), -1)
+    return logp.gather(-1, torch.tensor(e.generated_token_ids)[:, None]).squeeze(-1), logp, out
+
+
+def make_episodes(model: Transformer) -> list[Episode]:
+    """Four completions of different lengths; rollout log-probs off from the policy's (so ratios != 1, some
+    beyond the clip range, one A < 0 episode beyond the dual-clip bound), answer tags in some."""
+    gen = torch.Generator().manual_seed(3)
+    specs = [([1, 2, 3], [4, 5, 6, 7, 8, 9], 3), ([2, 7], [10, 11, 12], None), ([4, 4, 5, 6], [13, 3, 9, 14, 2], 2),
+             ([9], [15, 16, 17, 18, 19, 20, 21], 4)]
+    episodes = []
+    for k, (prompt, completion, answer_start) in enumerate(specs):
+        e = Episode(prompt="", prompt_token_ids=prompt, generated_token_ids=completion, text="", reward=0.0,
+                    reward_info={}, finished=True, group_idx=0, answer_start=answer_start)
+        with torch.no_grad():
+            lp, _, _ = per_sequence_forward(model, e)
+        noise = 0.35 * torch.randn(len(completion), generator=gen)
+        if k == 1:  # A = -0.8: rollout far less likely than now -> ratio > clip_ratio_c for dual-clip
+            noise = noise - 1.6
+        e.log_probs = (lp + noise).tolist()
+        e.entropies = (0.2 + 2.0 * torch.rand(len(completion), generator=gen)).tolist()
+        episodes.append(e)
+    return episodes
+
+
+# ------------------------------------------------------------------ the reference, from the formulas
+
+
+def reference_weights(name: str, model: Transformer, episodes: list[Episode], lps: list[torch.Tensor],
+                      weighter: gm.TokenWeighter, params: dict) -> list[torch.Tensor]:
+    out = []
+    all_h = np.concatenate([e.entropies for e in episodes])
+    threshold = np.percentile(all_h, params["mask_percentile"])
+    for e, lp in zip(episodes, lps):
+        n = len(e.generated_token_ids)
+        h = torch.tensor(e.entropies)
+        think = torch.tensor([e.answer_start is None or t < e.answer_start for t in range(n)])
+        if name == "none":
+            w = torch.ones(n)
+        elif name == "outcome_conditional":
+            w = torch.where(think, params["think_discount"], 1.0)
+        elif name == "inverse_logprob":
+            w = 1.0 / (lp.detach().abs() + params["epsilon"])
+        elif name == "entropy_weighted":
+            w = torch.softmax(h / params["entropy_temp"], 0) * n
+        elif name == "entropy_masking":
+            w = (h >= threshold).float()
+        elif name == "attention_credit":
+            w = reference_attention_credit(model, e, think, params["credit_scale"])
+        elif name == "attribution":
+            _, _, fwd = per_sequence_forward(model, e, output_hidden=True)
+            p = len(e.prompt_token_ids)
+            hidden = fwd.hidden[0, p - 1: p - 1 + n].detach()  # detach_hidden: the head learns alone
+            scores = hidden @ weighter.head.proj.weight[0] + weighter.head.proj.bias[0]
+            w = torch.softmax(scores, 0) * n
+        else:
+            raise AssertionError(name)
+        out.append(w)
+    return out
+
+
+def reference_attention_credit(model: Transformer, e: Episode, think: torch.Tensor, scale: float) -> torch.Tensor:
+    n = len(e.generated_token_ids)
+    if e.answer_start is None:
+        return torch.ones(n)
+    with torch.no_grad():
+        _, _, fwd = per_sequence_forward(model, e, output_last_qk=True)
+    q, k = fwd.last_q[0].float(), fwd.last_k[0].float()  # [H, L, d], [KV, L, d]
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    p = len(e.prompt_token_ids)
+    rows = []
+    for t in range(e.answer_start, n):
+        qi = p + t  # the answer token's own position: it attends to keys 0..qi
+        scores = torch.einsum("hd,hjd->hj", q[:, qi], k[:, : qi + 1]) / math.sqrt(q.shape[-1])
+        att = torch.softmax(scores, -1)  # [H, qi + 1]
+        rows.append(torch.nn.functional.pad(att, (0, p + n - qi - 1)).mean(0))
+    credit = torch.stack(rows).mean(0)[p: p + n]
+    w = (credit / credit[think].mean()).clamp(1 / scale, scale)
+    return torch.where(think, w, torch.ones(n))
+
+
+def reference_token_loss(name: str, lp: torch.Tensor, old: torch.Tensor, aw: torch.Tensor) -> torch.Tensor:
+    ratio = torch.exp(lp - old)
+    if name == "pg":
+        return -aw * lp
+    if name in ("ppo", "dual_clip"):
+        loss = torch.maximum(-aw * ratio, -aw * ratio.clamp(1 - EPS_LOW, 1 + EPS_HIGH))
+        if name == "dual_clip":
+            loss = torch.where(aw < 0, torch.minimum(loss, -aw * CLIP_C), loss)
+        return loss
+    if name == "gspo":
+        lo, hi = POLICY_EPS["gspo"]
+        s = torch.exp((lp - old).mean())
+        token_ratio = s.detach() * torch.exp(lp - lp.detach())
+        return torch.maximum(-aw * token_ratio, -aw * token_ratio.clamp(1 - lo, 1 + hi))
+    if name == "cispo":
+        return -ratio.clamp(1 - EPS_LOW, 1 + EPS_HIGH).detach() * aw * lp
+    raise AssertionError(name)
+
+
+POLICY_EPS = {"gspo": (3e-4, 4e-4)}  # GSPO's small defaults come from the registry when none are set
+
+
+def aggregate(rows: list[torch.Tensor], mode: str) -> torch.Tensor:
+    if mode == "token-mean":
+        return sum(r.sum() for r in rows) / sum(len(r) for r in rows)
+    if mode == "seq-mean-token-mean":
+        return sum(r.mean() for r in rows) / len(rows)
+    if mode == "seq-mean-token-sum":
+        return sum(r.sum() for r in rows) / len(rows)
+    raise AssertionError(mode)
+
+
+def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="none", weighter=None, params=None,
+                   ref_model=None, beta=0.0, kl="k3", entropy_coef=0.0) -> torch.Tensor:
+    lps, logps = [], []
+    for e in episodes:
+        lp, logp, _ = per_sequence_forward(model, e)
+        lps.append(lp)
+        logps.append(logp)
+    weights = reference_weights(weighter_name, model, episodes, lps, weighter, params or {})
+    rows = []
+    for e, lp, logp, w, a in zip(episodes, lps, logps, weights, ADVANTAGES):
+        old = torch.tensor(e.log_probs) if old_mode == "rollout" else lp.detach()
+        row = reference_token_loss(loss_name, lp, old, a * w)
+        if beta:
+            with torch.no_grad():
+                ref_lp, _, _ = per_sequence_forward(ref_model, e)
+            d = ref_lp - lp
+            row = row + beta * {"k1": -d, "k2": 0.5 * d ** 2, "k3": torch.exp(d) - d - 1}[kl]
+        if entropy_coef:
+            row = row - entropy_coef * -(logp.exp() * logp).sum(-1)
+        rows.append(row)
+    return aggregate(rows, "seq-mean-token-mean" if loss_name == "gspo" else mode)
+
+
+# ------------------------------------------------------------------ the check
+
+
+def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout", weighter_name="none", **terms):
+    params = {"think_discount": 0.3, "epsilon": 0.1, "credit_scale": 2.0, "entropy_temp": 0.7,
+              "mask_percentile": 60.0, "attribution_entropy_coef": 0.0, "attribution_lr": None}
+    model, ref_model = make_model(0), make_model(1)
+    episodes = make_episodes(model)
+    weighter = gm.build_weighter(weighter_name, hidden_size=32, **params) if weighter_name != "none" else None
+    if weighter_name == "attribution":  # a non-uniform head, so its weights matter
+        with torch.no_grad():
+            weighter.head.proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
+    extra = weighter.parameters() if weighter is not None else []
+    all_params = list(model.parameters()) + list(extra)
+
+    # expected: minus the gradient of the reference loss
+    ref = reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name, weighter, params,
+                         ref_model=ref_model, **terms)
+    grads = torch.autograd.grad(ref, all_params, allow_unused=True)
+    expected = [-(g if g is not None else torch.zeros_like(p)) for p, g in zip(all_params, grads)]
+    assert sum(float(g.abs().sum()) for g in expected) > 0
+
+    before = [p.detach().clone() for p in all_params]
+    cfg = grpo.UpdateConfig(micro_batch_size=micro, loss_agg_mode=mode, max_len=MAX_LEN, max_grad_norm=1e9,
+                            policy_loss=loss_name, old_log_probs=old_mode, clip_ratio_c=CLIP_C,
+                            beta=terms.get("beta", 0.0), kl_estimator=terms.get("kl", "k3"),
+                            entropy_coef=terms.get("entropy_coef", 0.0),
+                            **({} if loss_name == "gspo" else {"epsilon_low": EPS_LOW, "epsilon_high": EPS_HIGH}))
+    opt = torch.optim.SGD(all_params, lr=1.0)
+    stats = grpo.update_policy(model, opt, episodes, torch.tensor(ADVANTAGES), cfg, weighter,
+                               ref_model if terms.get("beta") else None, extra)
+    assert not stats.skipped
+    for p, b, e in zip(all_params, before, expected):
+        torch.testing.assert_close(p.detach() - b, e, rtol=2e-4, atol=2e-6)
+    return stats
+
+
+@pytest.mark.parametrize("micro", [4, 1])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("loss_name", sorted(grpo.POLICY_LOSSES))
+def test_policy_loss_gradient_equals_the_formula(loss_name, mode, micro):
+    stats = check_update(loss_name, mode, micro, weighter_name="outcome_conditional")
+    if loss_name in ("ppo", "dual_clip", "gspo", "cispo"):
+        assert 0 < stats.metrics["clip_frac"] < 1  # both regimes are exercised
+    if loss_name == "dual_clip":
+        assert stats.metrics["clip_frac_lower"] > 0
+
+
+@pytest.mark.parametrize("micro", [4, 1])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("weighter_name", sorted(gm.WEIGHTERS))
+@pytest.mark.parametrize("loss_name", ["pg", "ppo"])
+def test_token_weighter_gradient_equals_the_formula(weighter_name, loss_name, mode, micro):
+    check_update(loss_name, mode, micro, weighter_name=weighter_name)
+
+
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_kl_term_gradient_equals_the_formula(kl, mode):
+    stats = check_update("pg", mode, 2, beta=0.3, kl=kl)
+    assert stats.metrics["kl"] != 0
+
+
+@pytest.mark.parametrize("micro", [4, 1])
+def test_entropy_bonus_gradient_equals_the_formula(micro):
+    check_update("ppo", "seq-mean-token-sum", micro, entropy_coef=0.05)
+
+
+@pytest.mark.parametrize("loss_name", ["ppo", "dual_clip", "gspo", "cispo"])
+def test_recompute_makes_the_first_ratio_exactly_one(loss_name):
+    stats = check_update(loss_name, "token-mean", 2, old_mode="recompute")
+    assert stats.metrics["clip_frac"] == 0.0
+    assert stats.metrics["rollout_logprob_gap"] > 0.1  # the mismatch is still reported
+
+
+def test_second_ppo_iteration_clips_and_the_first_does_not_with_recompute():
+    model = make_model(0)
+    episodes = make_episodes(model)
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)  # a big step so the second pass sees a moved policy
+    cfg = grpo.UpdateConfig(micro_batch_size=2, policy_loss="ppo", old_log_probs="recompute", num_iterations=2,
+                            epsilon_low=0.05, epsilon_high=0.05, max_grad_norm=1e9)
+    stats = grpo.update_policy(model, opt, episodes, torch.tensor(ADVANTAGES), cfg)
+    assert stats.metrics["clip_frac"] == 0.0
+    assert stats.metrics["clip_frac/later_iterations"] > 0.0
