@@ -49,12 +49,15 @@ class TinySettings:
 
 @dataclass
 class DataSettings:
-    path: str = "countdown_data"  # directory in the Countdown-Tasks-3to4 layout (parquet, columns target/nums)
+    task: str = "countdown"  # a tasks.TASKS name: countdown | bandit | gsm8k
+    path: str = "countdown_data"  # countdown: the Countdown-Tasks-3to4 layout; gsm8k: .jsonl/.parquet file or dir
     test_size: float = 128  # last rows held out for evaluation (a count, or a fraction < 1)
     prompt_style: Literal["chat", "compact"] = "chat"
     generate_if_missing: int = 0  # >0: write this many solver-checked problems to `path` if it is missing
     generate_num_numbers: list[int] = field(default_factory=lambda: [3, 4])
-    generate_seed: int = 0
+    generate_seed: int = 0  # also the bandit's paying arms
+    num_arms: int = 16  # bandit: K arms, one pays
+    num_contexts: int = 1  # bandit: contexts, each with its own paying arm
 
 
 @dataclass
@@ -118,6 +121,7 @@ class AlgorithmSettings:
     max_sampling_rounds: int = 3
     overlong_buffer_len: int = 0  # DAPO overlong shaping: penalize the last this-many tokens before max_new_tokens
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens (linear from 0 over the buffer)
+    ground_truth_injection: bool = False  # one task-solver completion replaces one sample in every group
     loss_agg_mode: Literal[
         "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = "token-mean"
@@ -311,6 +315,7 @@ def validate_config(c: Config) -> None:
     """Cross-field checks that the types alone cannot express."""
     from grpo import ADVANTAGE_FNS, POLICY_LOSSES  # the registries own the valid names
     from grpo_mitigations import WEIGHTERS, check_params, weighter_params
+    from tasks import TASKS
 
     t, a, m = c.training, c.algorithm, c.mitigation
     problems: list[str] = []
@@ -369,6 +374,9 @@ def validate_config(c: Config) -> None:
     need(a.beta >= 0 and a.entropy_coef >= 0 and a.teacher_forcing_coef >= 0,
          "algorithm.beta, entropy_coef and teacher_forcing_coef must be >= 0")
 
+    need(c.data.task in TASKS, f"data.task {c.data.task!r} is unknown; valid: {', '.join(sorted(TASKS))}")
+    need(2 <= c.data.num_arms <= 52 and 1 <= c.data.num_contexts <= 10,
+         "data.num_arms must be in [2, 52] and data.num_contexts in [1, 10]")
     need(m.name in WEIGHTERS, f"mitigation.name {m.name!r} is unknown; valid: {', '.join(sorted(WEIGHTERS))}")
     problems.extend(check_params({k: getattr(m, k) for k in weighter_params()}))
     for name in ("learning_rate", "max_grad_norm"):

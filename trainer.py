@@ -1,7 +1,10 @@
 """The one training loop: rollout -> rewards -> advantages -> token weights -> loss -> step, with logging
 (TensorBoard, metrics.jsonl, the credit logger), evaluation, checkpoints and resume.
 
-Front ends (`train.py`, `train_mitigations.py`) only build a `Config` and call `train(config)`.
+Front ends (`train.py`, `train_mitigations.py`, `run_experiment.py`) only build a `Config` and call
+`train(config)`. The task (dataset, prompt, reward, solver) comes from `tasks.py`, selected by `data.task`.
+`train` reads as its steps: `setup`, then per step `collect_groups` -> `inject_references` -> `select_and_advantage`
+-> `apply_update` -> `finish_step`.
 """
 
 from __future__ import annotations
@@ -13,14 +16,13 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-import countdown_task as task
 import grpo
 from checkpoint import latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint
 from config import Config
@@ -30,6 +32,7 @@ from fileio import atomic_write_text
 from grpo_mitigations import TokenWeighter, build_weighter, weighter_params
 from optimizer import build_optimizer
 from qwen2_model import Transformer
+from tasks import Task, build_task
 from tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,89 +84,62 @@ class QuestionSampler:
         self._order = self._permutation()
 
 
-def prepare_data(config: Config) -> tuple[list[task.CountdownProblem], list[task.CountdownProblem]]:
-    """Load the Countdown dataset (generating it first when configured and missing) and split it."""
-    d = config.data
-    path = Path(d.path)
-    if not path.exists() and d.generate_if_missing > 0:
-        print(f"[data] {path} is missing: generating {d.generate_if_missing} solvable Countdown problems there")
-        problems = task.generate_problems(d.generate_if_missing, num_numbers=tuple(d.generate_num_numbers),
-                                          seed=d.generate_seed)
-        task.write_countdown_dataset(problems, path)
-    problems = task.load_countdown_dataset(path)
-    test_size = int(d.test_size) if d.test_size >= 1 else d.test_size
-    return task.split_dataset(problems, test_size)
-
-
-def load_policy(config: Config, device: torch.device, train_set: Sequence[task.CountdownProblem],
+def load_policy(config: Config, device: torch.device, task: Task, train_set: Sequence[Any],
                 checkpoint_dir: Path | None = None) -> tuple[Transformer, Tokenizer]:
     """The policy and its tokenizer: from a training checkpoint when resuming, else from `model.path`
-    (building the built-in tiny model there first if asked and missing)."""
+    (building the task's built-in model there first if asked and missing)."""
     path = Path(config.model.path) if checkpoint_dir is None else checkpoint_dir
     if checkpoint_dir is None and config.model.build_tiny and not (path / "config.json").is_file():
-        import tiny_model  # only needed for the built-in default
-
-        tiny_model.build_tiny_model(config, path, list(train_set))
+        task.build_model(path, train_set)
     model = Transformer.from_pretrained(path, device=device, dtype=DTYPES[config.model.dtype])
     model.gradient_checkpointing = config.model.gradient_checkpointing
     return model, Tokenizer(path)
 
 
-def reward_for(problem: task.CountdownProblem, text: str) -> dict:
-    return task.reward_function(text, problem.numbers, problem.target)
-
-
-def teacher_episodes(problems: Sequence[task.CountdownProblem], prompts: Sequence[str], tokenizer: Tokenizer,
-                     cache: dict) -> list[Episode]:
-    """Solver traces as completions (teacher forcing + RL): one per question that has a solution."""
-    out = []
-    for q, (problem, prompt) in enumerate(zip(problems, prompts)):
-        if problem not in cache:
-            solution = task.solve(problem.numbers, problem.target)
-            cache[problem] = None if solution is None else task.format_trace(solution)
-        if cache[problem] is None:
-            continue
-        ids = tokenizer.encode(cache[problem]) + [tokenizer.eos_token_id]
-        out.append(Episode(prompt=prompt, prompt_token_ids=tokenizer.encode(prompt), generated_token_ids=ids,
-                           text=cache[problem], reward=1.1, reward_info={}, finished=True, group_idx=q))
-    return out
+def reference_episode(task: Task, problem: Any, prompt: str, tokenizer: Tokenizer, group_idx: int,
+                      cache: dict) -> Episode | None:
+    """The task's reference completion as an episode (no rollout log-probs), scored by the task's reward;
+    None when the task has no solution for it. Solver results are cached per problem."""
+    if problem not in cache:
+        cache[problem] = task.reference_completion(problem)
+    text = cache[problem]
+    if text is None:
+        return None
+    scored = task.reward(problem, text)
+    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    return Episode(prompt=prompt, prompt_token_ids=tokenizer.encode(prompt), generated_token_ids=ids, text=text,
+                   reward=float(scored["reward"]), reward_info=dict(scored["reward_info"]), finished=True,
+                   group_idx=group_idx, problem=problem, answer_start=grpo.section_start(tokenizer, ids[:-1], text))
 
 
 # ============================================================================ evaluation
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, tokenizer: Tokenizer, problems: Sequence[task.CountdownProblem],
-             config: Config, device: torch.device, name: str = "eval") -> dict[str, float]:
+def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, problems: Sequence[Any], config: Config,
+             device: torch.device, name: str = "eval") -> dict[str, float]:
     """Success rate on a fixed problem set, one sample per problem, with the same sampling noise every time.
-    Keys are `success_rate/{name}`, `format_reward/{name}`, ... and `success_rate/{name}_{k}num` per size."""
+    Keys are `success_rate/{name}`, `format_reward/{name}`, ... and `success_rate/{name}_{group}` per the
+    task's eval groups (e.g. 3- and 4-number Countdown problems)."""
     e, t = config.eval, config.training
     temperature = t.temperature if e.temperature is None else e.temperature
     generator = torch.Generator(device=device).manual_seed(e.seed)
-    prompts = [task.build_prompt(p, config.data.prompt_style) for p in problems]
+    prompts = [task.prompt(p) for p in problems]
     episodes = []
     model.eval()
     for start in range(0, len(problems), e.batch_size):
         episodes += grpo.rollout(model, tokenizer, problems[start: start + e.batch_size],
-                                 prompts[start: start + e.batch_size], reward_for, 1, t.max_new_tokens,
+                                 prompts[start: start + e.batch_size], task.reward, 1, t.max_new_tokens,
                                  temperature, t.top_p, generator)
     solved = np.array([ep.reward_info["answer_reward"] == 1.0 for ep in episodes], dtype=float)
-    sizes = np.array([len(p.numbers) for p in problems])
     out = {
         f"success_rate/{name}": float(solved.mean()),
         f"format_reward/{name}": float(np.mean([ep.reward_info["format_reward"] for ep in episodes])),
         f"response_length/{name}": float(np.mean([len(ep.generated_token_ids) for ep in episodes])),
     }
-    for k in sorted(set(sizes.tolist())):  # 3- and 4-number problems separately
-        out[f"success_rate/{name}_{k}num"] = float(solved[sizes == k].mean())
-    return out
-
-
-def evaluate_all(model: Transformer, tokenizer: Tokenizer, eval_sets: dict[str, Sequence[task.CountdownProblem]],
-                 config: Config, device: torch.device) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, problems in eval_sets.items():
-        out.update(evaluate(model, tokenizer, problems, config, device, name))
+    groups = np.array([task.eval_group(p) or "" for p in problems])
+    for label in sorted(set(groups.tolist()) - {""}):
+        out[f"success_rate/{name}_{label}"] = float(solved[groups == label].mean())
     return out
 
 
@@ -239,6 +215,137 @@ class TrainResult:
     stopped_by_signal: bool = False
 
 
+@dataclass
+class Run:
+    """Everything one training run carries from step to step."""
+
+    config: Config
+    task: Task
+    device: torch.device
+    train_set: list[Any]
+    eval_sets: dict[str, list[Any]]
+    model: Transformer
+    tokenizer: Tokenizer
+    ref_model: Transformer | None
+    weighter: TokenWeighter
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]
+    generator: torch.Generator
+    sampler: QuestionSampler
+    credit: CreditLogger | None
+    metrics_log: MetricsLog
+    update_cfg: grpo.UpdateConfig
+    start_step: int
+    tokenizer_dir: Path
+    reference_cache: dict = field(default_factory=dict)
+    nonfinite_in_a_row: int = 0
+    last_ckpt: Path | None = None
+
+
+def resolve_resume(config: Config, resume: str | bool | None) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run (which must not overwrite an existing one)."""
+    t = config.training
+    if resume:
+        path = latest_checkpoint(t.ckpt_dir) if resume is True else Path(resume)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint found in {t.ckpt_dir}")
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume: {path} is not a checkpoint directory")
+        return path
+    if latest_checkpoint(t.ckpt_dir) is not None or (config.credit.enabled and step_files(config.credit.dir)):
+        # a fresh run would interleave its checkpoints and credit logs with the old run's
+        raise FileExistsError(
+            f"{t.ckpt_dir} or {config.credit.dir} already holds a run. Continue it with --resume, or start a new "
+            f"one elsewhere (training.ckpt_dir=..., training.log_dir=..., credit.dir=...) or after removing them.")
+    return None
+
+
+def _seed_everything(t: Any) -> None:
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed % 2**32)
+
+
+def update_config(config: Config, tokenizer: Tokenizer) -> grpo.UpdateConfig:
+    t, a = config.training, config.algorithm
+    return grpo.UpdateConfig(
+        micro_batch_size=t.micro_batch_size, loss_agg_mode=a.loss_agg_mode, max_len=t.max_new_tokens,
+        max_grad_norm=t.max_grad_norm, policy_loss=a.policy_loss, old_log_probs=a.old_log_probs,
+        num_iterations=a.num_iterations, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,
+        clip_ratio_c=a.clip_ratio_c, beta=a.beta, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+        teacher_forcing_coef=a.teacher_forcing_coef, pad_token_id=tokenizer.pad_token_id, progress=True)
+
+
+def setup(config: Config, resume: str | bool | None) -> Run:
+    """Data, model, weighter, optimizer, logging; restored from a checkpoint when resuming."""
+    t, m = config.training, config.mitigation
+    _seed_everything(t)
+    resume_path = resolve_resume(config, resume)
+    device = resolve_device(config.model.device)
+    task = build_task(config)
+    train_set, test_set = task.load()
+    model, tokenizer = load_policy(config, device, task, train_set, resume_path)
+    ref_model = None
+    if config.algorithm.beta > 0:  # the frozen initial policy
+        ref_model = Transformer.from_pretrained(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
+        ref_model.requires_grad_(False).eval()
+    weighter = build_weighter(m.name, hidden_size=model.config.hidden_size, device=device,
+                              **{k: getattr(m, k) for k in weighter_params()})
+    param_groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if weighter.parameters():
+        param_groups.append({"params": weighter.parameters(), "lr": m.attribution_lr or t.learning_rate})
+    optimizer = build_optimizer(param_groups, t.optimizer, lr=t.learning_rate, betas=tuple(t.betas),
+                                eps=t.adam_eps, weight_decay=t.weight_decay)
+    credit = CreditLogger(config.credit.dir, config.credit.credit_save_interval, m.name) if config.credit.enabled else None
+    run = Run(config, task, device, train_set, {"eval": test_set[: config.eval.num_problems], **task.extra_eval_sets()},
+              model, tokenizer, ref_model, weighter, optimizer, [g["lr"] for g in optimizer.param_groups],
+              torch.Generator(device=device).manual_seed(t.seed), QuestionSampler(len(train_set), t.seed), credit,
+              None, update_config(config, tokenizer), 0, resume_path or Path(config.model.path))  # type: ignore[arg-type]
+    if resume_path is not None:
+        _restore(run, resume_path)
+    run.metrics_log = MetricsLog(Path(t.log_dir), run.start_step if resume_path is not None else None)
+    (Path(t.log_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return run
+
+
+def _restore(run: Run, path: Path) -> None:
+    state = read_checkpoint(path)
+    extras = load_training_state(path, run.optimizer, run.generator)
+    if "attribution_head" in extras:
+        run.weighter.load_state_dict(extras["attribution_head"])
+    run.sampler.load_state_dict(state.trainer_state["sampler"])
+    if run.credit is not None and "credit" in state.trainer_state:
+        run.credit.load_state_dict(state.trainer_state["credit"], state.step)
+    run.start_step = state.step
+    print(f"[resume] continuing from {path} at step {run.start_step}")
+
+
+def save(run: Run, step: int) -> Path:
+    t, a = run.config.training, run.config.algorithm
+    if run.credit is not None:
+        run.credit.flush(step)
+    trainer_state = {"sampler": run.sampler.state_dict(),
+                     "tau": grpo.tau_at_step(step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)}
+    if run.credit is not None:
+        trainer_state["credit"] = run.credit.state_dict()
+    run.last_ckpt = save_checkpoint(t.ckpt_dir, step, run.model, run.optimizer, trainer_state, run.generator,
+                                    tokenizer_dir=run.tokenizer_dir,
+                                    extra_tensors={"attribution_head": run.weighter.state_dict()},
+                                    keep_last_n=t.keep_last_n)
+    return run.last_ckpt
+
+
+def evaluate_all(run: Run) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, problems in run.eval_sets.items():
+        out.update(evaluate(run.model, run.tokenizer, run.task, problems, run.config, run.device, name))
+    return out
+
+
 def zero_variance(rewards: torch.Tensor) -> torch.Tensor:
     """[num_groups] bool: groups whose answers all scored the same (no group-relative signal)."""
     return rewards.double().std(-1, unbiased=False) < 1e-12
@@ -256,26 +363,28 @@ def shape_rewards(episodes: Sequence[Episode], config: Config) -> None:
         e.reward_info["overlong_penalty"] = p
 
 
-def collect_groups(model: Transformer, tokenizer: Tokenizer, train_set: Sequence, sampler: QuestionSampler,
-                   config: Config, generator: torch.Generator) -> tuple[list[Episode], torch.Tensor, dict[str, float]]:
-    """Roll out one batch of groups: (episodes group-major, rewards [groups, G], sampling metrics).
+def group_rewards(episodes: Sequence[Episode], g: int) -> torch.Tensor:
+    return torch.tensor([e.reward for e in episodes], dtype=torch.float64).view(-1, g)
+
+
+def collect_groups(run: Run) -> tuple[list[Episode], dict[str, float]]:
+    """Roll out one batch of groups (episodes group-major) and the sampling metrics.
 
     With `algorithm.dynamic_sampling` (DAPO) zero-variance groups are dropped and more questions are rolled
     out until `num_questions_per_batch` informative groups are held or `max_sampling_rounds` is reached.
     """
-    t, a = config.training, config.algorithm
+    t, a = run.config.training, run.config.algorithm
     g, want = t.num_answers_per_question, t.num_questions_per_batch
     episodes: list[Episode] = []
-    rounds, drawn, zero_var = 0, 0, 0
+    rounds = drawn = zero_var = 0
     while True:
         rounds += 1
-        problems = [train_set[i] for i in sampler.next(want)]
-        prompts = [task.build_prompt(p, config.data.prompt_style) for p in problems]
-        new = grpo.rollout(model, tokenizer, problems, prompts, reward_for, g, t.max_new_tokens,
-                           t.temperature, t.top_p, generator, progress=True)
-        shape_rewards(new, config)
-        rewards = torch.tensor([e.reward for e in new], dtype=torch.float64).view(-1, g)
-        flat = zero_variance(rewards)
+        problems = [run.train_set[i] for i in run.sampler.next(want)]
+        new = grpo.rollout(run.model, run.tokenizer, problems, [run.task.prompt(p) for p in problems],
+                           run.task.reward, g, t.max_new_tokens, t.temperature, t.top_p, run.generator,
+                           progress=True)
+        shape_rewards(new, run.config)
+        flat = zero_variance(group_rewards(new, g))
         drawn, zero_var = drawn + len(problems), zero_var + int(flat.sum())
         if not a.dynamic_sampling:
             episodes = new
@@ -284,21 +393,100 @@ def collect_groups(model: Transformer, tokenizer: Tokenizer, train_set: Sequence
         if len(episodes) >= want * g or rounds >= a.max_sampling_rounds:
             break
     episodes = episodes[: want * g]
+    for i, e in enumerate(episodes):
+        e.group_idx = i // g
     metrics = {"groups/zero_variance_frac": zero_var / drawn}
     if a.dynamic_sampling:
         metrics.update({"sampling/rounds": float(rounds), "sampling/informative_groups": len(episodes) / g})
         if len(episodes) < want * g:
             print(f"[dynamic sampling] only {len(episodes) // g}/{want} informative groups after {rounds} rounds "
                   f"(algorithm.max_sampling_rounds); training on those")
-    rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float64).view(-1, g)
-    return episodes, rewards, metrics
+    return episodes, metrics
+
+
+def inject_references(run: Run, episodes: list[Episode]) -> dict[str, float]:
+    """Teacher forcing into groups: the last sample of each group becomes the task's reference completion
+    (scored by the task), so no group is all-wrong. Logs how often it was the group's only correct answer."""
+    g = run.config.training.num_answers_per_question
+    injected = only = 0
+    for q in range(len(episodes) // g):
+        last = episodes[(q + 1) * g - 1]
+        ref = reference_episode(run.task, last.problem, last.prompt, run.tokenizer, q, run.reference_cache)
+        if ref is None:
+            continue
+        episodes[(q + 1) * g - 1] = ref
+        injected += 1
+        others = [e.reward_info["answer_reward"] == 1.0 for e in episodes[q * g:(q + 1) * g - 1]]
+        only += int(ref.reward_info["answer_reward"] == 1.0 and not any(others))
+    return {"injection/groups": float(injected), "injection/only_correct_frac": only / max(injected, 1)}
+
+
+def select_and_advantage(run: Run, episodes: list[Episode], step: int
+                         ) -> tuple[list[Episode], torch.Tensor, torch.Tensor, float]:
+    """Group filtering, then advantages: (kept episodes, their flat advantages, [groups, G] advantages, tau)."""
+    t, a = run.config.training, run.config.algorithm
+    g = t.num_answers_per_question
+    rewards = group_rewards(episodes, g)
+    top_k = a.rollout_filter_value if a.rollout_filter == "top_k" else None
+    keep = grpo.select_groups(rewards, top_k, drop_zero_std=a.zero_variance_groups == "drop")
+    tau = grpo.tau_at_step(step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)
+    advantages = torch.zeros(0, g)
+    kept: list[Episode] = []
+    if len(keep):
+        advantages = grpo.compute_advantages(rewards[keep], a.adv_estimator, eps=a.adv_eps, tau=tau,
+                                             soft_reweight=a.soft_reweight, reweight_eps=a.soft_reweight_eps)
+        kept = [episodes[int(q) * g + j] for q in keep for j in range(g)]
+    flat_adv = advantages.reshape(-1)
+    if t.skip_unfinished_episodes:
+        use = [i for i, e in enumerate(kept) if e.finished]
+        kept, flat_adv = [kept[i] for i in use], flat_adv[use]
+    return kept, flat_adv, advantages, tau
+
+
+def apply_update(run: Run, step: int, episodes: list[Episode], kept: list[Episode], flat_adv: torch.Tensor
+                 ) -> dict[str, float]:
+    """The policy update with the step's learning rate; non-finite updates are skipped, then abort the run."""
+    t, a = run.config.training, run.config.algorithm
+    warm = min(1.0, step / t.lr_warmup_steps) if t.lr_warmup_steps else 1.0
+    for group, base in zip(run.optimizer.param_groups, run.base_lrs):  # a function of the step: resumes exactly
+        group["lr"] = base * warm
+    metrics = {"lr": t.learning_rate * warm}
+    if not kept:
+        return {**metrics, "update_skipped_no_groups": 1.0}
+    g = t.num_answers_per_question
+    teachers = []
+    if a.teacher_forcing_coef > 0:
+        heads = [episodes[q * g] for q in range(len(episodes) // g)]
+        teachers = [r for q, e in enumerate(heads)
+                    if (r := reference_episode(run.task, e.problem, e.prompt, run.tokenizer, q, run.reference_cache))]
+    stats = grpo.update_policy(run.model, run.optimizer, kept, flat_adv, run.update_cfg, run.weighter,
+                               run.ref_model, run.weighter.parameters(), teachers)
+    metrics.update(stats.metrics)
+    if not stats.skipped:
+        run.nonfinite_in_a_row = 0
+        if run.credit is not None:
+            run.credit.log_step(step, kept, flat_adv.tolist(), stats)
+        return metrics
+    run.nonfinite_in_a_row += 1
+    print(f"[warn] step {step}: non-finite loss/gradient (loss={stats.metrics.get('loss')}, "
+          f"grad_norm={stats.metrics.get('grad_norm')}); update skipped "
+          f"({run.nonfinite_in_a_row}/{t.max_nonfinite_steps} in a row)")
+    metrics["nonfinite_skipped"] = 1.0
+    if run.nonfinite_in_a_row >= t.max_nonfinite_steps:
+        run.metrics_log.log(step, metrics)
+        run.metrics_log.close()
+        where = f"; the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else ""
+        raise NonFiniteError(
+            f"{run.nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient (step {step}){where}. "
+            f"Lower training.learning_rate, check the mitigation's weights, or raise training.max_nonfinite_steps.")
+    return metrics
 
 
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else 0.0
 
 
-def _step_metrics(episodes: Sequence[Episode], kept: Sequence[Episode], advantages: torch.Tensor) -> dict[str, float]:
+def step_metrics(episodes: Sequence[Episode], kept: Sequence[Episode], advantages: torch.Tensor) -> dict[str, float]:
     rewards = [e.reward for e in episodes]
     m = {
         "reward/mean": _mean(rewards),
@@ -314,181 +502,61 @@ def _step_metrics(episodes: Sequence[Episode], kept: Sequence[Episode], advantag
     return m
 
 
+def progress_line(step: int, max_steps: int, m: dict[str, float], duration: float) -> str:
+    line = (f"step {step}/{max_steps} | reward {m['reward/mean']:.3f} | success {m['success_rate/train']:.3f} | "
+            f"loss {m.get('loss', float('nan')):.4f} | grad {m.get('grad_norm', float('nan')):.3f} | "
+            f"len {m['response_length']:.1f} | {duration:.1f}s")
+    for name in ("eval", "transfer"):
+        if f"success_rate/{name}" in m:
+            line += f" | {name} {m[f'success_rate/{name}']:.3f}"
+    return line
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One GRPO step: rollout -> (injection) -> filtering and advantages -> update -> metrics."""
+    t0 = time.perf_counter()
+    run.model.eval()
+    episodes, metrics = collect_groups(run)
+    t_rollout = time.perf_counter() - t0
+    if run.config.algorithm.ground_truth_injection:
+        metrics.update(inject_references(run, episodes))
+    kept, flat_adv, advantages, tau = select_and_advantage(run, episodes, step)
+    metrics.update(step_metrics(episodes, kept, advantages))
+    metrics["tau"] = tau
+    metrics.update(apply_update(run, step, episodes, kept, flat_adv))
+    t = run.config.training
+    metrics.update({"duration/step": time.perf_counter() - t0, "duration/rollout": t_rollout,
+                    "tokens_per_s": sum(len(e.generated_token_ids) for e in episodes) / max(t_rollout, 1e-9)})
+    if step % t.eval_interval == 0 or step == t.max_steps:
+        metrics.update(evaluate_all(run))
+    run.metrics_log.log(step, metrics)
+    for k, e in enumerate(episodes[: t.log_samples]):
+        run.metrics_log.text(f"sample/{k}", f"reward {e.reward:.2f}\n\n{e.prompt}{e.text}", step)
+    print(progress_line(step, t.max_steps, metrics, time.perf_counter() - t0), flush=True)
+    return metrics
+
+
 def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     """Run GRPO as configured. `resume`: True = the newest checkpoint in training.ckpt_dir, a path = that one."""
-    t, a, m = config.training, config.algorithm, config.mitigation
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    if t.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed % 2**32)
-
-    resume_path = None
-    if resume:
-        resume_path = latest_checkpoint(t.ckpt_dir) if resume is True else Path(resume)
-        if resume_path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint found in {t.ckpt_dir}")
-        if not resume_path.is_dir():
-            raise FileNotFoundError(f"--resume: {resume_path} is not a checkpoint directory")
-    elif latest_checkpoint(t.ckpt_dir) is not None or (config.credit.enabled and step_files(config.credit.dir)):
-        # a fresh run would interleave its checkpoints and credit logs with the old run's
-        raise FileExistsError(
-            f"{t.ckpt_dir} or {config.credit.dir} already holds a run. Continue it with --resume, or start a new "
-            f"one elsewhere (training.ckpt_dir=..., training.log_dir=..., credit.dir=...) or after removing them.")
-
-    device = resolve_device(config.model.device)
-    train_set, test_set = prepare_data(config)
-    model, tokenizer = load_policy(config, device, train_set, resume_path)
-    model_dir = Path(config.model.path)
-    ref_model = None
-    if a.beta > 0:  # the frozen initial policy
-        ref_model = Transformer.from_pretrained(model_dir, device=device, dtype=DTYPES[config.model.dtype])
-        ref_model.requires_grad_(False).eval()
-    weighter: TokenWeighter = build_weighter(
-        m.name, hidden_size=model.config.hidden_size, device=device,
-        **{k: getattr(m, k) for k in weighter_params()})
-    param_groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    if weighter.parameters():
-        param_groups.append({"params": weighter.parameters(), "lr": m.attribution_lr or t.learning_rate})
-    optimizer = build_optimizer(param_groups, t.optimizer, lr=t.learning_rate, betas=tuple(t.betas),
-                                eps=t.adam_eps, weight_decay=t.weight_decay)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    generator = torch.Generator(device=device).manual_seed(t.seed)
-    sampler = QuestionSampler(len(train_set), t.seed)
-    credit = CreditLogger(config.credit.dir, config.credit.credit_save_interval, m.name) if config.credit.enabled else None
-
-    start_step = 0
-    if resume_path is not None:
-        state = read_checkpoint(resume_path)
-        extras = load_training_state(resume_path, optimizer, generator)
-        if "attribution_head" in extras:
-            weighter.load_state_dict(extras["attribution_head"])
-        sampler.load_state_dict(state.trainer_state["sampler"])
-        if credit is not None and "credit" in state.trainer_state:
-            credit.load_state_dict(state.trainer_state["credit"], state.step)
-        start_step = state.step
-        print(f"[resume] continuing from {resume_path} at step {start_step}")
-
-    log_dir = Path(t.log_dir)
-    metrics_log = MetricsLog(log_dir, start_step if resume_path is not None else None)
-    (log_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    update_cfg = grpo.UpdateConfig(
-        micro_batch_size=t.micro_batch_size, loss_agg_mode=a.loss_agg_mode, max_len=t.max_new_tokens,
-        max_grad_norm=t.max_grad_norm, policy_loss=a.policy_loss, old_log_probs=a.old_log_probs,
-        num_iterations=a.num_iterations, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,
-        clip_ratio_c=a.clip_ratio_c, beta=a.beta, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-        teacher_forcing_coef=a.teacher_forcing_coef, pad_token_id=tokenizer.pad_token_id, progress=True)
-    eval_sets = {"eval": test_set[: config.eval.num_problems]}
-    if config.eval.transfer_num_numbers:
-        eval_sets["transfer"] = task.generate_problems(config.eval.transfer_problems, seed=config.eval.seed,
-                                                       num_numbers=tuple(config.eval.transfer_num_numbers))
-    trace_cache: dict = {}
-    nonfinite_in_a_row = 0
-    last_ckpt: Path | None = None
+    run = setup(config, resume)
+    t = config.training
     metrics: dict[str, float] = {}
-
-    def checkpoint(step: int) -> Path:
-        if credit is not None:
-            credit.flush(step)
-        trainer_state = {"sampler": sampler.state_dict(), "tau": grpo.tau_at_step(
-            step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)}
-        if credit is not None:
-            trainer_state["credit"] = credit.state_dict()
-        return save_checkpoint(t.ckpt_dir, step, model, optimizer, trainer_state, generator,
-                               tokenizer_dir=resume_path or model_dir, extra_tensors={"attribution_head": weighter.state_dict()},
-                               keep_last_n=t.keep_last_n)
-
-    if start_step == 0:
-        metrics = evaluate_all(model, tokenizer, eval_sets, config, device)
-        metrics_log.log(0, metrics)
+    if run.start_step == 0:
+        metrics = evaluate_all(run)
+        run.metrics_log.log(0, metrics)
         print(f"[eval] step 0: success {metrics['success_rate/eval']:.3f}"
-              + (f", transfer {metrics['success_rate/transfer']:.3f}" if "transfer" in eval_sets else ""))
-
-    step = start_step
+              + (f", transfer {metrics['success_rate/transfer']:.3f}" if "success_rate/transfer" in metrics else ""))
+    step = run.start_step
     with stop_on_signals() as stop:
         while step < t.max_steps and not stop["stop"]:
             step += 1
-            t0 = time.perf_counter()
-            model.eval()
-            episodes, rewards, metrics = collect_groups(model, tokenizer, train_set, sampler, config, generator)
-            t_rollout = time.perf_counter() - t0
-            g = t.num_answers_per_question
-            top_k = a.rollout_filter_value if a.rollout_filter == "top_k" else None
-            keep = grpo.select_groups(rewards, top_k, drop_zero_std=a.zero_variance_groups == "drop")
-            tau = grpo.tau_at_step(step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)
-            advantages = torch.zeros(0, g)
-            kept: list[Episode] = []
-            if len(keep):
-                advantages = grpo.compute_advantages(rewards[keep], a.adv_estimator, eps=a.adv_eps, tau=tau,
-                                                     soft_reweight=a.soft_reweight, reweight_eps=a.soft_reweight_eps)
-                kept = [episodes[int(q) * g + j] for q in keep for j in range(g)]
-            flat_adv = advantages.reshape(-1)
-            if t.skip_unfinished_episodes:
-                use = [i for i, e in enumerate(kept) if e.finished]
-                kept, flat_adv = [kept[i] for i in use], flat_adv[use]
-            metrics.update(_step_metrics(episodes, kept, advantages))
-            metrics["tau"] = tau
-            problems = [episodes[q * g].problem for q in range(len(episodes) // g)]
-            prompts = [episodes[q * g].prompt for q in range(len(episodes) // g)]
-
-            warm = min(1.0, step / t.lr_warmup_steps) if t.lr_warmup_steps else 1.0
-            for group, base in zip(optimizer.param_groups, base_lrs):  # a function of the step: resumes exactly
-                group["lr"] = base * warm
-            metrics["lr"] = t.learning_rate * warm
-            if kept:
-                teachers = (teacher_episodes(problems, prompts, tokenizer, trace_cache)
-                            if a.teacher_forcing_coef > 0 else [])
-                stats = grpo.update_policy(model, optimizer, kept, flat_adv, update_cfg, weighter, ref_model,
-                                           weighter.parameters(), teachers)
-                metrics.update(stats.metrics)
-                if stats.skipped:
-                    nonfinite_in_a_row += 1
-                    print(f"[warn] step {step}: non-finite loss/gradient (loss={stats.metrics.get('loss')}, "
-                          f"grad_norm={stats.metrics.get('grad_norm')}); update skipped "
-                          f"({nonfinite_in_a_row}/{t.max_nonfinite_steps} in a row)")
-                    metrics["nonfinite_skipped"] = 1.0
-                    if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                        metrics_log.log(step, metrics)
-                        metrics_log.close()
-                        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                        raise NonFiniteError(
-                            f"{nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient "
-                            f"(step {step}){where}. Lower training.learning_rate, check the mitigation's weights, "
-                            f"or raise training.max_nonfinite_steps.")
-                else:
-                    nonfinite_in_a_row = 0
-                    if credit is not None:
-                        credit.log_step(step, kept, flat_adv.tolist(), stats)
-            else:
-                metrics["update_skipped_no_groups"] = 1.0
-
-            duration = time.perf_counter() - t0
-            n_tokens = sum(len(e.generated_token_ids) for e in episodes)
-            metrics.update({"duration/step": duration, "duration/rollout": t_rollout,
-                            "tokens_per_s": n_tokens / max(t_rollout, 1e-9)})
-            if step % t.eval_interval == 0 or step == t.max_steps:
-                metrics.update(evaluate_all(model, tokenizer, eval_sets, config, device))
-            metrics_log.log(step, metrics)
-            for k, e in enumerate(episodes[: t.log_samples]):
-                metrics_log.text(f"sample/{k}", f"reward {e.reward:.2f}\n\n{e.prompt}{e.text}", step)
-            line = (f"step {step}/{t.max_steps} | reward {metrics['reward/mean']:.3f} | "
-                    f"success {metrics['success_rate/train']:.3f} | loss {metrics.get('loss', float('nan')):.4f} | "
-                    f"grad {metrics.get('grad_norm', float('nan')):.3f} | len {metrics['response_length']:.1f} | "
-                    f"{duration:.1f}s")
-            if "success_rate/eval" in metrics:
-                line += f" | eval {metrics['success_rate/eval']:.3f}"
-            if "success_rate/transfer" in metrics:
-                line += f" | transfer {metrics['success_rate/transfer']:.3f}"
-            print(line, flush=True)
+            metrics = train_step(run, step)
             if step % t.ckpt_save_interval == 0 or step == t.max_steps or stop["stop"]:
-                last_ckpt = checkpoint(step)
-
-    if credit is not None and not stop["stop"]:
-        credit.finalize()
-    metrics_log.close()
+                save(run, step)
+    if run.credit is not None and not stop["stop"]:
+        run.credit.finalize()
+    run.metrics_log.close()
     if stop["stop"]:
-        print(f"[signal] stopped after step {step}; checkpoint {last_ckpt}. "
+        print(f"[signal] stopped after step {step}; checkpoint {run.last_ckpt}. "
               f"Resume with: python train.py --config <your config> --resume")
-    return TrainResult(step=step, metrics=metrics, checkpoint=last_ckpt, stopped_by_signal=stop["stop"])
+    return TrainResult(step=step, metrics=metrics, checkpoint=run.last_ckpt, stopped_by_signal=stop["stop"])

@@ -14,6 +14,7 @@ import countdown_task as task
 import grpo
 import train
 import trainer
+from tasks import build_task
 from config import load_config
 from data_types import Episode
 from qwen2_model import Transformer
@@ -40,8 +41,9 @@ def test_tiny_default_warmup_then_grpo(tmp_path):
     ours = Transformer.from_pretrained(model_dir, dtype=torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = load_config("config_tiny.yaml", overrides(tmp_path))
-    train_set, test_set = trainer.prepare_data(cfg)
-    _, tokenizer = trainer.load_policy(cfg, torch.device("cpu"), train_set)
+    countdown = build_task(cfg)
+    train_set, test_set = countdown.load()
+    _, tokenizer = trainer.load_policy(cfg, torch.device("cpu"), countdown, train_set)
     prompts = [task.build_prompt(p, "compact") for p in test_set[:16]]
     ids = torch.tensor([tokenizer.encode(prompts[0])])
     with torch.no_grad():
@@ -73,7 +75,7 @@ def test_tiny_default_warmup_then_grpo(tmp_path):
 def test_tiny_warmup_is_deterministic(tmp_path):
     def build(root):
         cfg = load_config("config_tiny.yaml", overrides(root) + ["tiny.warmup_steps=20"])
-        train_set, _ = trainer.prepare_data(cfg)
+        train_set, _ = build_task(cfg).load()
         import tiny_model
         return Transformer.from_pretrained(tiny_model.build_tiny_model(cfg, root / "model", train_set),
                                            dtype=torch.float32).state_dict()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -241,6 +242,21 @@ def _fake_rollout(informative: set[int]):
     return rollout
 
 
+class _Problems:
+    """A stand-in task: problems are ints, prompts their text, rewards come from the fake rollout."""
+
+    def prompt(self, p):
+        return str(p)
+
+    def reward(self, p, text):
+        raise AssertionError("the fake rollout scores episodes itself")
+
+
+def _fake_run(cfg, train_set):
+    return SimpleNamespace(config=cfg, task=_Problems(), train_set=train_set, model=None, tokenizer=None,
+                           generator=None, sampler=trainer.QuestionSampler(len(train_set), 0))
+
+
 @pytest.mark.parametrize("rounds_allowed, expect_groups", [(10, 4), (2, 2)])
 def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_says_it_stopped(
         tiny_assets, tmp_path, monkeypatch, capsys, rounds_allowed, expect_groups):
@@ -249,16 +265,17 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_says_it_sto
     train_set = list(range(40))
     informative = {q for q in train_set if q % 4 == 0}  # one informative question in four
     monkeypatch.setattr(grpo, "rollout", _fake_rollout(informative))
-    monkeypatch.setattr(trainer.task, "build_prompt", lambda p, style: str(p))
-    sampler = trainer.QuestionSampler(len(train_set), 0)
-    episodes, rewards, metrics = trainer.collect_groups(None, None, train_set, sampler, cfg, None)
+    episodes, metrics = trainer.collect_groups(_fake_run(cfg, train_set))
     g = cfg.training.num_answers_per_question
+    rewards = trainer.group_rewards(episodes, g)
     assert rewards.shape == (expect_groups, g) and len(episodes) == expect_groups * g
     assert all(e.problem in informative for e in episodes)
+    assert [e.group_idx for e in episodes] == [i // g for i in range(len(episodes))]
     assert (rewards.std(-1) > 0).all()
     assert metrics["sampling/informative_groups"] == expect_groups
-    assert metrics["sampling/rounds"] >= 2
-    assert metrics["groups/zero_variance_frac"] == pytest.approx(1 - expect_groups / (4 * metrics["sampling/rounds"]), abs=0.26)
+    rounds = metrics["sampling/rounds"]
+    assert rounds >= 2
+    assert metrics["groups/zero_variance_frac"] == pytest.approx(1 - 1 / 4, abs=0.26)
     said = capsys.readouterr().out
     assert ("after 2 rounds" in said) == (rounds_allowed == 2)
 
@@ -266,10 +283,8 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_says_it_sto
 def test_without_dynamic_sampling_zero_variance_groups_are_counted_and_kept(tiny_assets, tmp_path, monkeypatch):
     cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"num_questions_per_batch": 4}))
     monkeypatch.setattr(grpo, "rollout", _fake_rollout({0}))
-    monkeypatch.setattr(trainer.task, "build_prompt", lambda p, style: str(p))
-    sampler = trainer.QuestionSampler(8, 0)
-    episodes, rewards, metrics = trainer.collect_groups(None, None, list(range(8)), sampler, cfg, None)
-    assert rewards.shape[0] == 4
+    episodes, metrics = trainer.collect_groups(_fake_run(cfg, list(range(8))))
+    assert len(episodes) == 4 * cfg.training.num_answers_per_question
     assert metrics["groups/zero_variance_frac"] == (3 / 4 if 0 in {e.problem for e in episodes} else 1.0)
     assert "sampling/rounds" not in metrics
 

@@ -1,0 +1,140 @@
+"""GSM8K: grade-school math word problems with a numeric final answer.
+
+Reads the public layout from a local path (no download): a `.jsonl` or `.parquet` file, or a directory
+holding such files (the openai/gsm8k dataset repo has `main/train-*.parquet` and `main/test-*.parquet`; the
+original release has `train.jsonl` and `test.jsonl`). Every row has `question` and `answer`, and the final
+answer follows `####` at the end of `answer`. The reward is the exact numeric match of the completion's
+`<answer>` against it, with a format reward for the tags, parsed without eval.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from countdown_task import DatasetError, extract_answer, format_reward_function
+from tokenizer import chat_prompt
+
+HOW_TO_GET = ("obtain it with `git clone https://huggingface.co/datasets/openai/gsm8k` (needs git-lfs) and point "
+              "data.path at its main/ directory, or at a .jsonl/.parquet file with question and answer columns")
+SYSTEM_MESSAGE = ("You are a helpful assistant. You first think about the reasoning process in your mind and "
+                  "then provide the user with the answer.")
+USER_TEMPLATE = ("{question}\nShow your work in <think> </think> tags. Return only the final number in "
+                 "<answer> </answer> tags, for example <answer> 42 </answer>.")
+RESPONSE_PROMPT = "Let me solve this step by step.\n<think>"
+MAX_NUMBER_CHARS = 64
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?")
+
+
+@dataclass(frozen=True)
+class GSM8KProblem:
+    question: str
+    answer: float | str  # the final answer as written after ####, e.g. "72" or "1,080"
+    solution: str = ""  # the worked solution before ####
+
+
+def parse_number(text: str) -> Fraction | None:
+    """A number as people write it: 1,080 / $18 / 2.50 / -3 / 3/4 / 15% -> exact Fraction, else None."""
+    if len(text) > MAX_NUMBER_CHARS:
+        return None
+    s = text.strip().replace(",", "").replace("$", "").rstrip(".").rstrip("%").strip()
+    if not _NUMBER.fullmatch(s):
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def split_answer(answer: str) -> tuple[str, str]:
+    """(worked solution, final answer) from a GSM8K answer field `...\\n#### 72`."""
+    if "####" not in answer:
+        raise ValueError("no '####' before the final answer")
+    solution, final = answer.rsplit("####", 1)
+    return solution.strip(), final.strip()
+
+
+def _rows(file: Path) -> list[dict]:
+    if file.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{file}:{n}: not valid JSON ({e.msg})") from e
+        return rows
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(file).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DatasetError(f"{file}: not a readable parquet file ({e})") from e
+
+
+def load_file(file: Path) -> list[GSM8KProblem]:
+    problems = []
+    for n, row in enumerate(_rows(file), 1):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise DatasetError(f"{file}: row {n} needs string columns 'question' and 'answer' (GSM8K layout)")
+        try:
+            solution, final = split_answer(row["answer"])
+        except ValueError as e:
+            raise DatasetError(f"{file}: row {n}: {e}") from e
+        if parse_number(final) is None:
+            raise DatasetError(f"{file}: row {n}: final answer {final!r} is not a number")
+        problems.append(GSM8KProblem(row["question"], final, solution))
+    return problems
+
+
+def find_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(train files, test files) under `path`: a file is its own train set; in a directory, files whose name
+    starts with 'test' are the test split (sorted, .jsonl and .parquet)."""
+    if not path.exists():
+        raise DatasetError(f"GSM8K data not found at {path}; {HOW_TO_GET}")
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet") and p.is_file())
+    if not files:
+        raise DatasetError(f"no .jsonl or .parquet files in {path}; {HOW_TO_GET}")
+    test = [f for f in files if f.name.startswith("test")]
+    return [f for f in files if f not in test], test
+
+
+def load_gsm8k(path: str | Path) -> tuple[list[GSM8KProblem], list[GSM8KProblem]]:
+    """(train, test) problems; test is empty when the path has no test file (the caller then splits)."""
+    train_files, test_files = find_files(Path(path))
+    train = [p for f in train_files for p in load_file(f)]
+    test = [p for f in test_files for p in load_file(f)]
+    if not train:
+        raise DatasetError(f"{path}: no training rows")
+    return train, test
+
+
+def build_prompt(problem: GSM8KProblem, style: str = "chat") -> str:
+    if style == "chat":
+        return chat_prompt(SYSTEM_MESSAGE, USER_TEMPLATE.format(question=problem.question), RESPONSE_PROMPT)
+    if style == "compact":
+        return f"{problem.question}\n<think>"
+    raise ValueError(f"unknown prompt style {style!r}; valid: chat, compact")
+
+
+def reward_function(response: str, problem: GSM8KProblem) -> dict:
+    """0.1 x format_reward + answer_reward, as for Countdown: answer_reward is 1 when the first <answer> holds a
+    number exactly equal to the reference final answer."""
+    text = "<think>" + response
+    fmt = format_reward_function(text)
+    answer = extract_answer(text)
+    value = parse_number(answer) if answer is not None else None
+    correct = float(value is not None and value == parse_number(str(problem.answer)))
+    return {"reward": 0.1 * fmt + correct, "reward_info": {"format_reward": fmt, "answer_reward": correct}}
+
+
+def reference_completion(problem: GSM8KProblem) -> str:
+    """The dataset's worked solution in the answer format (its <<48/2=24>> calculator notes removed)."""
+    worked = re.sub(r"<<[^>]*>>", "", problem.solution)
+    return f"{worked}</think>\n<answer>{problem.answer}</answer>"
