@@ -123,7 +123,7 @@ def check_output_dir(out: Path, spec: dict) -> None:
         return
     old = json.loads(old_file.read_text())
     for key in ("task", "config", "steps", "overrides"):
-        if old.get(key) != spec[key]:
+        if old.get(key, [] if key == "overrides" else None) != spec[key]:
             raise ExperimentError(f"--out {out} holds an experiment with {key}={old.get(key)!r} (this one: "
                                   f"{spec[key]!r}); use another --out")
     for ab, overrides in spec["ablations"].items():
@@ -292,8 +292,6 @@ class RunResult:
 
 
 def run_result(rows: list[dict]) -> RunResult | None:
-    from stats import normalized_auc  # noqa: F401  (checked importable before jobs start)
-
     points = [(r["step"], r["success_rate/eval"]) for r in rows if r.get("success_rate/eval") is not None]
     train_rows = [r for r in rows if r.get("step", 0) > 0]
     if not points:
@@ -496,12 +494,12 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], list[Job], dict, list[
     return ablations, jobs, spec, slots, baseline
 
 
-def build_shared_assets(config_path: str, task: str) -> Path:
+def build_shared_assets(config_path: str, task: str, overrides: Sequence[str]) -> Path:
     """Data and the built-in model are shared by all runs: build them once here, not in racing jobs."""
     from config import load_config
     from tasks import build_task
 
-    cfg = load_config(config_path, [f"data.task={task}"])
+    cfg = load_config(config_path, [f"data.task={task}", *overrides])
     t = build_task(cfg)
     train_set, _ = t.load()
     path = Path(cfg.model.path)
@@ -526,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     spec["ablations"] = {**old["ablations"], **spec["ablations"]}
     (args.out / SPEC_FILE).write_text(json.dumps(spec, indent=1))
     mark_finished(jobs)
-    model_dir = build_shared_assets(spec["config"], args.task)
+    model_dir = build_shared_assets(spec["config"], args.task, args.overrides)
     todo = [j for j in jobs if j.status == "pending"]
     print(f"[experiment] {len(jobs)} runs ({len(ablations)} ablations x {args.seeds} seeds, {args.steps} steps): "
           f"{len(jobs) - len(todo)} already finished, {sum(j.resume for j in todo)} to resume, "
