@@ -3,7 +3,8 @@
 GRPO broadcasts one episode-level advantage A to every generated token, so the per-token
 policy-gradient term is A * grad log pi(y_t). The trainer's credit logger records, per token,
 `contribution = advantage * log_prob` and the mitigation's `weight`; this tool answers where that
-credit goes: by relative position in the episode, by token type (reasoning / structure / filler),
+credit goes: by relative position in the episode, by token type (reasoning / whitespace / special /
+structure / filler),
 by advantage sign, and how consistent its direction is across episodes at a fixed position (t-stat).
 
 |A * log pi(y)| is the measure the credit-assignment write-ups tabulate, but it is not a gradient
@@ -38,18 +39,20 @@ REQUIRED_COLUMNS = (
     "reward", "advantage", "weight", "contribution", "weighted_contribution",
 )
 OPTIONAL_COLUMNS = ("length", "logit_grad_norm", "in_answer")
-TOKEN_TYPES = ("reasoning", "structure", "filler")
+TOKEN_TYPES = ("reasoning", "filler", "whitespace", "special", "structure")
+TYPE_COLORS = ("tab:green", "tab:red", "tab:cyan", "tab:purple", "tab:gray")
 N_POSITION_BINS = 10
 N_COARSE_BINS = 5
 T_HIGH, T_LOW = 3.0, 1.5
 TOP_K = 10
 MAX_SCATTER_POINTS = 20_000
 
-# Structure: the countdown format tags and chat special tokens such as <|im_end|>, found as text
-# spans so that a tag BPE splits into "<", "answer", ">" is structure in every piece.
+# Structure: the format tags and chat markers such as <|im_end|> written out of ordinary BPE pieces
+# ("<", "answer", ">"), found as text spans in each episode so every piece counts. The tokenizer's own
+# special and added tokens (<think> in Qwen3, <|im_end|>) are `special`, whatever the context.
 STRUCTURE_PATTERN = re.compile(r"</?(?:think|answer)>|<\|[^<>|\s]{1,64}\|>")
-# Reasoning: a token made only of digits, + - * /, =, parentheses and whitespace (not only whitespace).
-REASONING_PATTERN = re.compile(r"[\s0-9+\-*/=()]*[0-9+\-*/=()][\s0-9+\-*/=()]*")
+# Reasoning: the token's text, whitespace stripped, is non-empty and only digits, + - * /, = or parentheses.
+REASONING_PATTERN = re.compile(r"[0-9+\-*/=()]+")
 # Appended to each episode's rebuilt text so no tag match can cross two episodes (a control
 # character no tag contains; not NUL, which numpy strips from string scalars).
 _EPISODE_SEPARATOR = "\x1e"
@@ -125,8 +128,23 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise CreditLogError(f"tokenizer not found: {file}")
-    return Tokenizer.from_file(str(file))
+        raise CreditLogError(f"tokenizer not found: {file} (pass --tokenizer_path a tokenizer.json or the "
+                             f"model directory that holds one)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CreditLogError(f"{file} is not a tokenizer.json this tokenizers library can read ({first})") from exc
+
+
+def check_token_ids(token_ids: np.ndarray, tokenizer: Tokenizer) -> None:
+    """Every id must be in the tokenizer's vocabulary: an unknown id decodes silently to '' and would be
+    counted as filler. The usual cause is a log analyzed with another model's tokenizer."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    bad = token_ids[(token_ids < 0) | (token_ids >= size)]
+    if len(bad):
+        raise CreditLogError(f"token id {int(bad[0])} is outside the tokenizer's vocabulary of {size} ids "
+                             f"({len(bad)} such tokens); was the log written by a model with another tokenizer?")
 
 
 # ----------------------------------------------------------------------------- token types
@@ -142,7 +160,8 @@ def decode_tokens(tokenizer: Tokenizer, token_ids) -> dict[int, str]:
 
 
 def _special_token_ids(tokenizer: Tokenizer) -> set[int]:
-    return {i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special}
+    """The tokenizer's special and added tokens (Qwen3's <think> is added but not marked special)."""
+    return set(tokenizer.get_added_tokens_decoder())
 
 
 def _episode_codes(df: pd.DataFrame) -> np.ndarray:
@@ -153,20 +172,23 @@ def _episode_codes(df: pd.DataFrame) -> np.ndarray:
 
 
 def classify_tokens(df: pd.DataFrame, tokenizer: Tokenizer) -> pd.Series:
-    """Token type per row: 'structure' > 'reasoning' > 'filler'.
+    """Token type per row: 'special' > 'structure' > 'whitespace' > 'reasoning' > 'filler'.
 
-    Structure comes from text spans: each episode's text is rebuilt from its tokens in position
-    order, the tags are found in it, and every token overlapping a tag is structure. Reasoning and
-    filler are decided per token text.
+    special: the tokenizer's special and added tokens. structure: pieces of a BPE-split tag, found from
+    context (each episode's text is rebuilt from its tokens in position order, the tags are found in it,
+    and every token overlapping one is structure). whitespace: decodes to whitespace only (Qwen's lone
+    'Ġ' before a digit, newlines). reasoning: digits, operators, = and parentheses. The rest is filler.
     """
     token_ids = df["token_id"].to_numpy(dtype=np.int64)
+    check_token_ids(token_ids, tokenizer)
     unique_ids, inverse = np.unique(token_ids, return_inverse=True)
     decoded = decode_tokens(tokenizer, unique_ids)
     unique_texts = np.array([decoded[int(i)] for i in unique_ids], dtype=object)
     special = _special_token_ids(tokenizer)
     unique_special = np.array([int(i) in special for i in unique_ids], dtype=bool)
     unique_reasoning = np.array(
-        [REASONING_PATTERN.fullmatch(t) is not None for t in unique_texts], dtype=bool)
+        [REASONING_PATTERN.fullmatch(t.strip()) is not None for t in unique_texts], dtype=bool)
+    unique_whitespace = np.array([t != "" and t.strip() == "" for t in unique_texts], dtype=bool)
 
     n = len(df)
     codes = _episode_codes(df)
@@ -194,7 +216,9 @@ def classify_tokens(df: pd.DataFrame, tokenizer: Tokenizer) -> pd.Series:
     in_tag[order] = in_tag_sorted
 
     types = np.where(unique_reasoning[inverse], "reasoning", "filler").astype(object)
-    types[in_tag | unique_special[inverse]] = "structure"
+    types[unique_whitespace[inverse]] = "whitespace"
+    types[in_tag] = "structure"
+    types[unique_special[inverse]] = "special"
     return pd.Series(types, index=df.index, name="type", dtype=object)
 
 
@@ -254,7 +278,7 @@ def position_bins_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def token_types_table(df: pd.DataFrame, types: pd.Series) -> pd.DataFrame:
-    """Credit by token type (reasoning / structure / filler)."""
+    """Credit by token type (reasoning / filler / whitespace / special / structure)."""
     m = _metrics(df)
     m["type"] = types.to_numpy()
     aggs = dict(
@@ -299,18 +323,27 @@ def position_type_table(df: pd.DataFrame, types: pd.Series) -> pd.DataFrame:
     return table
 
 
+ADVANTAGE_SIGNS = ("positive", "zero", "negative")
+
+
 def reward_split_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Tokens of advantage > 0 vs <= 0. log_prob <= 0, so contribution has the advantage's opposite sign."""
+    """Tokens by their episode's advantage sign. `zero` is its own row: whole zero-variance groups (often
+    most of a batch) carry no gradient and would dilute the negative side. log_prob <= 0, so contribution
+    has the advantage's opposite sign."""
     m = _metrics(df)
-    m["advantage_sign"] = np.where(m["advantage"] > 0, "positive", "non_positive")
-    table = m.groupby("advantage_sign").agg(
+    adv = m["advantage"].to_numpy()
+    m["advantage_sign"] = np.where(adv > 0, "positive", np.where(adv < 0, "negative", "zero"))
+    aggs = dict(
         count=("contribution", "size"),
         episodes=("episode", "nunique"),
         mean_contribution=("contribution", "mean"),
         mean_abs_contribution=("abs_contribution", "mean"),
         mean_log_prob=("log_prob", "mean"),
         mean_advantage=("advantage", "mean"),
-    ).reindex(["positive", "non_positive"])
+    )
+    if "grad_proxy" in m:
+        aggs["mean_grad_proxy"] = ("grad_proxy", "mean")
+    table = m.groupby("advantage_sign").agg(**aggs).reindex(list(ADVANTAGE_SIGNS))
     table[["count", "episodes"]] = table[["count", "episodes"]].fillna(0).astype(np.int64)
     return table.rename_axis("advantage_sign").reset_index()
 
@@ -519,6 +552,8 @@ def summary_markdown(run: CreditAnalysis, comparison: pd.DataFrame | None = None
             "", "## Key ratios", ""]
     labels = (("|contribution|", ""), ("|weighted contribution|", "weighted_"),
               ("gradient proxy |A| x ||onehot(y) - p||", "grad_proxy_"))
+    out.append("- (filler / reasoning compares those two types only: whitespace, special and structure "
+               "tokens are left out of both sides)")
     for label, prefix in labels:
         out.append(_ratio_line(f"filler / reasoning mean {label}", k[f"{prefix}filler_reasoning_ratio"]))
         out.append(_ratio_line(f"early / late mean {label} (bin 0 / bin 9)", k[f"{prefix}early_late_ratio"]))
@@ -542,7 +577,8 @@ def summary_markdown(run: CreditAnalysis, comparison: pd.DataFrame | None = None
         ("Relative position (10 bins of position / episode length)", "position_bins"),
         ("Token types", "token_types"),
         ("Token type within relative position (controls for the position confound)", "position_type"),
-        ("Advantage sign (log_prob <= 0, so contribution has the opposite sign of A)", "reward_split"),
+        ("Advantage sign: positive, zero (zero-variance groups, no gradient), negative; log_prob <= 0, so "
+         "contribution has the opposite sign of A", "reward_split"),
         ("Most frequent tokens per type", "top_tokens"),
     )
     for title, name in sections:
@@ -602,7 +638,7 @@ def plot_credit(run: CreditAnalysis, path: Path) -> None:
     adv = df["advantage"].to_numpy(dtype=float)[idx]
     log_prob = df["log_prob"].to_numpy(dtype=float)[idx]
     types = run.types.to_numpy()[idx]
-    for type_name, color in zip(TOKEN_TYPES, ("tab:green", "tab:gray", "tab:red")):
+    for type_name, color in zip(TOKEN_TYPES, TYPE_COLORS):
         sel = types == type_name
         if sel.any():
             ax.scatter(adv[sel], log_prob[sel], s=3, alpha=0.3, color=color, label=type_name)
