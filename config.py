@@ -144,17 +144,25 @@ REMOVED_KEYS = {
 }
 
 
-def _mitigation_settings() -> type:
-    """`mitigation.name` plus every parameter the registered weighters declare (grpo_mitigations.Param):
-    the parameters are declared once, on their weighter, and this section follows."""
+def _weighter_section(section: str, with_name: bool) -> type:
+    """A config section made of the parameters the registered weighters declare for it
+    (grpo_mitigations.Param): each parameter is declared once, on its weighter, and the section follows."""
     from grpo_mitigations import weighter_params
 
-    fields = [("name", str, field(default="none"))]
-    fields += [(k, p.type, field(default=p.default)) for k, (_, p) in weighter_params().items()]
-    return dataclasses.make_dataclass("MitigationSettings", fields)
+    fields = [("name", str, field(default="none"))] if with_name else []
+    fields += [(k, p.type, field(default=p.default)) for k, (_, p) in weighter_params().items() if p.section == section]
+    return dataclasses.make_dataclass(f"{section.capitalize()}Settings", fields)
 
 
-MitigationSettings = _mitigation_settings()
+MitigationSettings = _weighter_section("mitigation", with_name=True)  # mitigation.name + its parameters
+AttributionSettings = _weighter_section("attribution", with_name=False)  # the learned head's own switches
+
+
+def weighter_values(config: Config) -> dict[str, Any]:
+    """Every declared weighter parameter's value, read from its section."""
+    from grpo_mitigations import weighter_params
+
+    return {k: getattr(getattr(config, p.section), k) for k, (_, p) in weighter_params().items()}
 
 
 @dataclass
@@ -173,6 +181,7 @@ class Config:
     eval: EvalSettings = field(default_factory=EvalSettings)
     algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
     mitigation: MitigationSettings = field(default_factory=MitigationSettings)
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
     credit: CreditSettings = field(default_factory=CreditSettings)
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,7 +323,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def validate_config(c: Config) -> None:
     """Cross-field checks that the types alone cannot express."""
     from grpo import ADVANTAGE_FNS, POLICY_LOSSES  # the registries own the valid names
-    from grpo_mitigations import WEIGHTERS, check_params, weighter_params
+    from grpo_mitigations import WEIGHTERS, check_params
     from tasks import TASKS
 
     t, a, m = c.training, c.algorithm, c.mitigation
@@ -378,7 +387,7 @@ def validate_config(c: Config) -> None:
     need(2 <= c.data.num_arms <= 52 and 1 <= c.data.num_contexts <= 10,
          "data.num_arms must be in [2, 52] and data.num_contexts in [1, 10]")
     need(m.name in WEIGHTERS, f"mitigation.name {m.name!r} is unknown; valid: {', '.join(sorted(WEIGHTERS))}")
-    problems.extend(check_params({k: getattr(m, k) for k in weighter_params()}))
+    problems.extend(check_params(weighter_values(c)))
     for name in ("learning_rate", "max_grad_norm"):
         need(math.isfinite(getattr(t, name)), f"training.{name} must be finite")
     if problems:

@@ -54,3 +54,4 @@ class TokenBatch:
     last_q: Any = None  # [b, H, L, head_dim] last layer queries over the whole sequence (prompt + completion)
     last_k: Any = None  # [b, KV, L, head_dim]
     prompt_lens: Any = None  # LongTensor [b]: where each completion starts in the whole sequence
+    advantages: Any = None  # [b] each completion's (episode-level) advantage

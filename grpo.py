@@ -673,7 +673,7 @@ def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any
                              _pad([e.entropies for e in mb], width, 0.0, torch.float32, device), answer_mask & fwd.mask)
 
 
-def _token_weights(weighter: Any, tok: _MicroBatchTokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _token_weights(weighter: Any, tok: _MicroBatchTokens, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step 2, the weighter's per-token weights (1 without one) and its auxiliary loss."""
     if weighter is None:
         return tok.fwd.mask.float(), None
@@ -686,6 +686,7 @@ def _token_weights(weighter: Any, tok: _MicroBatchTokens) -> tuple[torch.Tensor,
         rollout_entropy=tok.rollout_entropy, answer_mask=tok.answer_mask, hidden=hidden,
         last_q=fwd.last_q.detach() if fwd.last_q is not None else None,
         last_k=fwd.last_k.detach() if fwd.last_k is not None else None, prompt_lens=fwd.prompt_lens,
+        advantages=adv,
     )
     weights = weighter.weights(batch)
     return weights, weighter.aux_loss(batch, weights)
@@ -750,7 +751,7 @@ def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: torch.
                       ref_model: torch.nn.Module | None, stats: UpdateStats, sums: _Sums) -> torch.Tensor:
     """Steps 1-6 for one micro-batch: the scalar loss whose gradient this micro-batch contributes."""
     tok = _forward_tokens(model, mb, weighter, config.pad_token_id)
-    weights, aux_loss = _token_weights(weighter, tok)
+    weights, aux_loss = _token_weights(weighter, tok, adv)
     old = _old_log_probs(tok, config, iteration, cache, key)
     token_adv = adv[:, None] * weights  # step 4: the policy loss sees weighted per-token advantages
     token_loss, loss_metrics = POLICY_LOSSES[config.policy_loss].fn(tok.log_probs, old, token_adv, tok.fwd.mask, config)

@@ -110,18 +110,33 @@ def attention_credit_weights(
 
 
 class AttributionHead(nn.Module):
-    """Linear(hidden, 1) scoring each token from its hidden state; softmax over the sequence's valid tokens
-    x their count gives the weights (learned advantage attribution). Init std 0.01: near-uniform start."""
+    """Linear(hidden, 1, no bias) scoring each token from its hidden state; softmax over the sequence's valid
+    tokens x their count gives the weights (learned advantage attribution). No bias: a softmax over one
+    sequence is invariant to adding the same score to every token, so a bias never changes a weight and
+    never gets a gradient. Init std 0.01: near-uniform start."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.proj = nn.Linear(hidden_size, 1)
+        self.proj = nn.Linear(hidden_size, 1, bias=False)
         nn.init.normal_(self.proj.weight, std=0.01)
-        nn.init.zeros_(self.proj.bias)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.float()).squeeze(-1)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores = self.proj(hidden.float()).squeeze(-1)
-        return masked_softmax_times_count(scores, mask)
+        return masked_softmax_times_count(self.scores(hidden), mask)
+
+
+def masked_pearson(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, min_tokens: int = 3) -> torch.Tensor:
+    """Per-row Pearson correlation of x and y over the valid tokens: [b], NaN for rows too short or constant."""
+    m = mask.to(torch.float64)
+    n = m.sum(-1)
+    x, y = x.double(), y.double()
+    xc = (x - (x * m).sum(-1, keepdim=True) / n.clamp(min=1)[:, None]) * m
+    yc = (y - (y * m).sum(-1, keepdim=True) / n.clamp(min=1)[:, None]) * m
+    denom = (xc.pow(2).sum(-1) * yc.pow(2).sum(-1)).sqrt()
+    r = (xc * yc).sum(-1) / denom
+    return torch.where((n >= min_tokens) & (denom > 0), r, torch.full_like(r, float("nan")))
 
 
 def attribution_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -143,6 +158,7 @@ class Param:
     valid: str = ""  # the rule in words, for error messages
     check: Callable[[Any], bool] = lambda v: True
     type: Any = float
+    section: str = "mitigation"  # the config section holding it: mitigation.<name> or attribution.<name>
 
 
 WEIGHTERS: dict[str, type[TokenWeighter]] = {}
@@ -170,7 +186,7 @@ def weighter_params() -> dict[str, tuple[str, Param]]:
 def check_params(values: dict[str, Any]) -> list[str]:
     """Messages for values that break their Param's rule (empty when all are valid)."""
     params = weighter_params()
-    return [f"mitigation.{k} must be {params[k][1].valid} (got {v})" for k, v in values.items()
+    return [f"{params[k][1].section}.{k} must be {params[k][1].valid} (got {v})" for k, v in values.items()
             if k in params and v is not None and not params[k][1].check(v)]
 
 
@@ -294,48 +310,91 @@ class EntropyMaskingWeighter(TokenWeighter):
         return w
 
 
+ATTRIBUTION_OBJECTIVES = ("surrogate", "advantage_regression")
+
+
 @register_weighter("attribution")
 class AttributionWeighter(TokenWeighter):
-    """The learned attribution head. Hidden states are detached: the head learns from the policy loss
-    without changing the policy's representation. `attribution_entropy_coef` > 0 subtracts
-    coef x entropy(p) per sequence from the loss, so the head cannot collapse onto a few tokens."""
+    """The learned attribution head (seed 002). Two objectives (`attribution.objective`):
+
+    surrogate (the seed's): the weights stay in the policy loss with their gradient, so the head is trained
+      by the same loss as the policy. For -A w_t log pi_t that gradient moves weight toward tokens where
+      A x log pi_t is largest: for A > 0 the tokens the policy is already sure of, for A < 0 the least likely
+      ones (CREDIT_ASSIGNMENT_ANALYSIS.md derives it). `attribution.detach_hidden: false` lets that gradient
+      reach the policy's hidden states too (the seed's "gradients flow through both").
+    advantage_regression: the head predicts per-token credit c_t whose sequence mean regresses the episode's
+      advantage, (mean_t c_t - A)^2 (a return decomposition with per-sequence normalization). The weights
+      n x softmax(sign(A) c_t) are detached in the policy loss: tokens predicted to push toward the outcome
+      get more of it. The head is trained only by the regression.
+    `attribution_entropy_coef` > 0 (surrogate) subtracts coef x entropy(weights) per sequence from the loss.
+    """
 
     needs_hidden = True
-
     params = {
         "attribution_entropy_coef": Param(0.0, "entropy regularizer on the learned weights", ">= 0", lambda v: v >= 0),
         "attribution_lr": Param(None, "learning rate of the head (default: the policy's)", "> 0",
                                 lambda v: v > 0, Optional[float]),
+        "detach_hidden": Param(True, "true: only the head learns from its loss; false: its gradient also reaches "
+                               "the policy's hidden states", "true or false", lambda v: isinstance(v, bool), bool,
+                               section="attribution"),
+        "objective": Param("surrogate", "surrogate (the seed's) or advantage_regression", " or ".join(
+            ATTRIBUTION_OBJECTIVES), lambda v: v in ATTRIBUTION_OBJECTIVES, str, section="attribution"),
     }
 
-    def __init__(self, hidden_size: int = 0, attribution_entropy_coef: float = 0.0,
-                 device: torch.device | str = "cpu", **_: Any):
+    def __init__(self, hidden_size: int = 0, attribution_entropy_coef: float = 0.0, detach_hidden: bool = True,
+                 objective: str = "surrogate", device: torch.device | str = "cpu", **_: Any):
         super().__init__()
         _check(hidden_size > 0, "the attribution weighter needs the model's hidden_size")
         self.head = AttributionHead(hidden_size).to(device)
         self.entropy_coef = attribution_entropy_coef
+        self.detach_hidden = detach_hidden
+        self.objective = objective
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:
-        w = self.head(batch.hidden, batch.mask)
-        with torch.no_grad():
-            rows = batch.mask.any(-1)
-            n = int(rows.sum())
-            ent = attribution_entropy(w, batch.mask)[rows]
-            big = torch.finfo(w.dtype).max
-            self._track("attribution/entropy", float(ent.mean()) if n else 0.0, n)
-            self._track("attribution/max", float(w.masked_fill(~batch.mask, -big).max(-1).values[rows].mean()) if n else 0.0, n)
-            self._track("attribution/min", float(w.masked_fill(~batch.mask, big).min(-1).values[rows].mean()) if n else 0.0, n)
-            count = batch.mask.sum(-1).clamp(min=1)
-            mean = (w * batch.mask).sum(-1) / count
-            var = (((w - mean[:, None]) ** 2) * batch.mask).sum(-1) / count
-            self._track("attribution/std", float(var.sqrt()[rows].mean()) if n else 0.0, n)
-            self._count += n
+        scores = self.head.scores(batch.hidden)
+        if self.objective == "advantage_regression":
+            sign = torch.sign(batch.advantages.to(scores.dtype))[:, None]
+            w = masked_softmax_times_count((sign * scores).detach(), batch.mask)
+        else:
+            w = masked_softmax_times_count(scores, batch.mask)
+        self._log(w.detach(), batch)
         return w
 
+    def _log(self, w: torch.Tensor, batch: TokenBatch) -> None:
+        """The seed's per-sequence metrics, and what the weights correlate with (within each sequence)."""
+        mask = batch.mask
+        rows = mask.any(-1)
+        n = int(rows.sum())
+        if n == 0:
+            return
+        big = torch.finfo(w.dtype).max
+        count = mask.sum(-1).clamp(min=1)
+        mean = (w * mask).sum(-1) / count
+        var = (((w - mean[:, None]) ** 2) * mask).sum(-1) / count
+        self._track("attribution/entropy", float(attribution_entropy(w, mask)[rows].mean()), n)
+        self._track("attribution/max", float(w.masked_fill(~mask, -big).max(-1).values[rows].mean()), n)
+        self._track("attribution/min", float(w.masked_fill(~mask, big).min(-1).values[rows].mean()), n)
+        self._track("attribution/std", float(var.sqrt()[rows].mean()), n)
+        position = torch.arange(mask.shape[1], device=mask.device)[None, :] / count[:, None]
+        for name, other in (("log_prob", batch.log_probs.detach()), ("entropy", batch.entropy),
+                            ("rel_position", position.expand_as(w))):
+            r = masked_pearson(w, other, mask)
+            ok = ~torch.isnan(r)
+            self._track(f"attribution/corr_{name}", float(r[ok].mean()) if ok.any() else 0.0, n)
+        self._count += n
+
     def aux_loss(self, batch: TokenBatch, weights: torch.Tensor) -> torch.Tensor | None:
+        rows = batch.mask.any(-1)
+        if self.objective == "advantage_regression":
+            scores = self.head.scores(batch.hidden)
+            m = batch.mask.to(scores.dtype)
+            predicted = (scores * m).sum(-1) / m.sum(-1).clamp(min=1)
+            err = (predicted - batch.advantages.to(scores.dtype)) ** 2
+            self._track("attribution/regression_mse", float(err[rows].detach().mean()) if rows.any() else 0.0,
+                        int(rows.sum()))
+            return err[rows].mean() if rows.any() else None
         if self.entropy_coef == 0:
             return None
-        rows = batch.mask.any(-1)
         return -self.entropy_coef * attribution_entropy(weights, batch.mask)[rows].mean()
 
     def parameters(self) -> list[nn.Parameter]:
@@ -345,7 +404,8 @@ class AttributionWeighter(TokenWeighter):
         return {k: v.detach().cpu() for k, v in self.head.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.head.load_state_dict(state)
+        # heads saved before the bias was removed: the bias never changed a weight, so it is dropped
+        self.head.load_state_dict({k: v for k, v in state.items() if k != "proj.bias"})
 
 
 def build_weighter(name: str, **params: Any) -> TokenWeighter:

@@ -12,6 +12,8 @@ config's own log/checkpoint/credit directories).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 from pathlib import PurePosixPath
 
 from grpo_mitigations import WEIGHTERS, weighter_params
@@ -19,7 +21,14 @@ from train import build_parser, run
 
 def mitigation_flags() -> dict[str, str]:
     """--flag -> help text, from the parameters each weighter declares (grpo_mitigations.Param)."""
-    return {name: f"{owner}: {p.help} (default {p.default})" for name, (owner, p) in weighter_params().items()}
+    return {name: f"{owner}: {p.help}" + ("" if p.default is None else f" (default {p.default})")
+            for name, (owner, p) in weighter_params().items()}
+
+
+def _flag_type(tp: Any) -> Callable[[str], Any]:
+    if tp is bool:
+        return lambda text: {"true": True, "false": False}[text.lower()]
+    return str if tp is str else float
 
 
 def sibling(path: str, name: str) -> str:
@@ -34,7 +43,9 @@ def mitigation_overrides(name: str, flags: dict[str, float | None], log_dir: str
            f"training.log_dir={sibling(log_dir, f'logs_{name}')}",
            f"credit.dir={sibling(credit_dir, f'credit_logs_{name}')}",
            f"training.ckpt_dir={sibling(ckpt_dir, f'ckpt_{name}')}"]
-    out += [f"mitigation.{k}={v}" for k, v in flags.items() if v is not None]
+    params = weighter_params()
+    out += [f"{params[k][1].section}.{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in flags.items() if v is not None]
     return out
 
 
@@ -43,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mitigation", required=True, choices=sorted(WEIGHTERS), help="token weighter")
     flags = mitigation_flags()
     for flag, text in flags.items():
-        parser.add_argument(f"--{flag}", type=float, default=None, help=text)
+        parser.add_argument(f"--{flag}", type=_flag_type(weighter_params()[flag][1].type), default=None, help=text)
     args = parser.parse_args(argv)
     from config import ConfigError, load_config
 

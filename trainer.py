@@ -25,11 +25,11 @@ import torch
 
 import grpo
 from checkpoint import latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint
-from config import Config
+from config import Config, weighter_values
 from credit_logger import CreditLogger, step_files
 from data_types import Episode
 from fileio import atomic_write_text
-from grpo_mitigations import TokenWeighter, build_weighter, weighter_params
+from grpo_mitigations import TokenWeighter, build_weighter
 from optimizer import build_optimizer
 from qwen2_model import Transformer
 from tasks import Task, build_task
@@ -293,8 +293,7 @@ def setup(config: Config, resume: str | bool | None) -> Run:
     if config.algorithm.beta > 0:  # the frozen initial policy
         ref_model = Transformer.from_pretrained(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
         ref_model.requires_grad_(False).eval()
-    weighter = build_weighter(m.name, hidden_size=model.config.hidden_size, device=device,
-                              **{k: getattr(m, k) for k in weighter_params()})
+    weighter = build_weighter(m.name, hidden_size=model.config.hidden_size, device=device, **weighter_values(config))
     param_groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if weighter.parameters():
         param_groups.append({"params": weighter.parameters(), "lr": m.attribution_lr or t.learning_rate})

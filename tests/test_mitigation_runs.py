@@ -89,9 +89,9 @@ def test_attribution_head_resumes_exactly(tiny_assets, tmp_path):
     from safetensors.torch import load_file
     a = load_file(str(tmp_path / "full" / "ckpt" / "step_000004" / "attribution_head.safetensors"))
     b = load_file(str(tmp_path / "half" / "ckpt" / "step_000004" / "attribution_head.safetensors"))
-    start = torch.zeros(1)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["proj.bias"], start)  # it trained
+    mid = load_file(str(tmp_path / "half" / "ckpt" / "step_000002" / "attribution_head.safetensors"))
+    assert a.keys() == b.keys() == {"proj.weight"} and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["proj.weight"], mid["proj.weight"])  # it trained
 
 
 def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_assets, tmp_path, monkeypatch):

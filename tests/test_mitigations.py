@@ -269,13 +269,12 @@ def test_attribution_head_init():
     assert w.shape == (1, 4000)
     assert float(w.std()) == pytest.approx(0.01, rel=0.1)
     assert abs(float(w.mean())) < 0.002
-    assert (head.proj.bias == 0).all()
+    assert head.proj.bias is None  # a per-sequence softmax ignores a shared shift: no bias
 
 
-def set_head(head: gm.AttributionHead, vec, bias=0.0):
+def set_head(head: gm.AttributionHead, vec):
     with torch.no_grad():
         head.proj.weight.copy_(torch.tensor([vec], dtype=torch.float32))
-        head.proj.bias.fill_(bias)
 
 
 def test_attribution_weights_softmax_times_count():
@@ -284,9 +283,9 @@ def test_attribution_weights_softmax_times_count():
     mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0], [0] * 5], dtype=torch.bool)
     weighter = gm.build_weighter("attribution", hidden_size=6)
     vec = torch.randn(6, generator=g).tolist()
-    set_head(weighter.head, vec, bias=0.3)
+    set_head(weighter.head, vec)
     w = weighter.weights(make_batch(mask, hidden=hidden))
-    scores = hidden.numpy() @ np.array(vec) + 0.3
+    scores = hidden.numpy() @ np.array(vec)
     ref = np_masked_softmax_times_count(scores, mask.numpy())
     np.testing.assert_allclose(w.detach().numpy(), ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(w.detach().sum(-1).numpy(), [5.0, 3.0, 0.0], atol=1e-5)
@@ -308,7 +307,7 @@ def test_attribution_gradient_reaches_head_not_hidden():
     (w * c).sum().backward()
     assert policy_h.grad is None and hidden.grad is None
 
-    # dL/ds_t = n p_t (c_t - sum_j p_j c_j);  dL/dW = sum_t dL/ds_t h_t, dL/db = sum_t dL/ds_t
+    # dL/ds_t = n p_t (c_t - sum_j p_j c_j);  dL/dW = sum_t dL/ds_t h_t. A bias would get sum_t dL/ds_t = 0.
     h, cc, m = hidden.double().numpy(), c.double().numpy(), mask.numpy()
     grad_w, grad_b = np.zeros(3), 0.0
     for r in range(2):
@@ -320,9 +319,9 @@ def test_attribution_gradient_reaches_head_not_hidden():
         grad_w += ds @ h[r, idx]
         grad_b += ds.sum()
     np.testing.assert_allclose(weighter.head.proj.weight.grad.numpy()[0], grad_w, rtol=1e-4, atol=1e-6)
-    assert float(weighter.head.proj.bias.grad) == pytest.approx(grad_b, abs=1e-5)
+    assert grad_b == pytest.approx(0.0, abs=1e-9)  # why the head has no bias
     assert np.abs(grad_w).max() > 1e-3
-    assert [p for p in weighter.parameters()] == [weighter.head.proj.weight, weighter.head.proj.bias]
+    assert [p for p in weighter.parameters()] == [weighter.head.proj.weight]
 
 
 def test_attribution_empty_row_gives_finite_gradient():
@@ -385,17 +384,17 @@ def test_attribution_state_dict_round_trip():
     a = gm.build_weighter("attribution", hidden_size=7)
     torch.manual_seed(123)
     b = gm.build_weighter("attribution", hidden_size=7)
-    with torch.no_grad():
-        a.head.proj.bias.fill_(0.25)
     hidden = torch.randn(2, 3, 7)
     batch = make_batch(torch.ones(2, 3, dtype=torch.bool), hidden=hidden)
     assert not torch.allclose(a.weights(batch), b.weights(batch))
     state = a.state_dict()
-    assert set(state) == {"proj.weight", "proj.bias"}
+    assert set(state) == {"proj.weight"}
     assert all(not v.requires_grad and v.device.type == "cpu" for v in state.values())
     b.load_state_dict(state)
     torch.testing.assert_close(b.weights(batch), a.weights(batch))
-    torch.testing.assert_close(b.head.proj.bias, torch.tensor([0.25]))
+    # a head saved before the bias was removed still loads (the bias never changed a weight)
+    b.load_state_dict({**state, "proj.bias": torch.tensor([0.25])})
+    torch.testing.assert_close(b.weights(batch), a.weights(batch))
 
 
 def test_stateless_weighter_rejects_state():
@@ -454,3 +453,39 @@ def test_out_of_range_params_raise(name, params):
 ])
 def test_boundary_params_accepted(name, params):
     gm.build_weighter(name, **params)
+
+
+def test_advantage_regression_objective():
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(3, 4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.5, -0.5, 0.0])
+    weighter = gm.build_weighter("attribution", hidden_size=5, objective="advantage_regression")
+    vec = torch.randn(5, generator=g).tolist()
+    set_head(weighter.head, vec)
+    b = make_batch(mask, hidden=hidden, advantages=adv)
+    w = weighter.weights(b)
+    scores = hidden.numpy() @ np.array(vec)
+    ref = np_masked_softmax_times_count(scores * np.sign(adv.numpy())[:, None], mask.numpy())
+    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert not w.requires_grad  # the policy loss cannot move the head
+    np.testing.assert_allclose(w[2, :2].numpy(), [1.0, 1.0], rtol=1e-6)  # A = 0: uniform
+    aux = weighter.aux_loss(b, w)
+    pred = [scores[r, mask[r].numpy()].mean() for r in range(3)]
+    assert float(aux) == pytest.approx(np.mean([(p - a) ** 2 for p, a in zip(pred, adv.tolist())]), rel=1e-5)
+    aux.backward()
+    assert weighter.head.proj.weight.grad.abs().max() > 0
+
+
+def test_attribution_correlation_metrics():
+    weighter = gm.build_weighter("attribution", hidden_size=1)
+    set_head(weighter.head, [1.0])
+    h = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # scores rise with position, so weights do too
+    lp = torch.tensor([[-0.1, -0.2, -0.3, -0.4]])
+    weighter.weights(make_batch(torch.ones(1, 4, dtype=torch.bool), hidden=h[..., None], log_probs=lp,
+                                entropy=torch.tensor([[1.0, 0.5, 1.0, 0.5]])))
+    m = weighter.pop_metrics()
+    w = np_masked_softmax_times_count(h.numpy(), np.ones((1, 4), dtype=bool))[0]
+    assert m["attribution/corr_rel_position"] == pytest.approx(np.corrcoef(w, np.arange(4) / 4)[0, 1], rel=1e-6)
+    assert m["attribution/corr_log_prob"] == pytest.approx(np.corrcoef(w, lp[0].numpy())[0, 1], rel=1e-5)
+    assert m["attribution/corr_log_prob"] < -0.9 and m["attribution/corr_rel_position"] > 0.9

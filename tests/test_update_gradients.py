@@ -72,7 +72,7 @@ def make_episodes(model: Transformer) -> list[Episode]:
 
 
 def reference_weights(name: str, model: Transformer, episodes: list[Episode], lps: list[torch.Tensor],
-                      weighter: gm.TokenWeighter, params: dict) -> list[torch.Tensor]:
+                      weighter: gm.TokenWeighter, params: dict, reg_terms: list) -> list[torch.Tensor]:
     out = []
     all_h = np.concatenate([e.entropies for e in episodes])
     threshold = np.percentile(all_h, params["mask_percentile"])
@@ -95,9 +95,16 @@ def reference_weights(name: str, model: Transformer, episodes: list[Episode], lp
         elif name == "attribution":
             _, _, fwd = per_sequence_forward(model, e, output_hidden=True)
             p = len(e.prompt_token_ids)
-            hidden = fwd.hidden[0, p - 1: p - 1 + n].detach()  # detach_hidden: the head learns alone
-            scores = hidden @ weighter.head.proj.weight[0] + weighter.head.proj.bias[0]
-            w = torch.softmax(scores, 0) * n
+            hidden = fwd.hidden[0, p - 1: p - 1 + n]
+            if params.get("detach_hidden", True):  # the head learns alone
+                hidden = hidden.detach()
+            scores = hidden @ weighter.head.proj.weight[0]
+            if params.get("objective") == "advantage_regression":  # detached weights; the head fits A
+                a = ADVANTAGES[len(out)]
+                w = (torch.softmax(math.copysign(1.0, a) * scores, 0) * n).detach()
+                reg_terms.append((scores.mean() - a) ** 2)
+            else:
+                w = torch.softmax(scores, 0) * n
         else:
             raise AssertionError(name)
         out.append(w)
@@ -163,7 +170,8 @@ def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="no
         lp, logp, _ = per_sequence_forward(model, e)
         lps.append(lp)
         logps.append(logp)
-    weights = reference_weights(weighter_name, model, episodes, lps, weighter, params or {})
+    reg_terms: list[torch.Tensor] = []
+    weights = reference_weights(weighter_name, model, episodes, lps, weighter, params or {}, reg_terms)
     rows = []
     for e, lp, logp, w, a in zip(episodes, lps, logps, weights, ADVANTAGES):
         old = torch.tensor(e.log_probs) if old_mode == "rollout" else lp.detach()
@@ -176,15 +184,17 @@ def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="no
         if entropy_coef:
             row = row - entropy_coef * -(logp.exp() * logp).sum(-1)
         rows.append(row)
-    return aggregate(rows, "seq-mean-token-mean" if loss_name == "gspo" else mode)
+    loss = aggregate(rows, "seq-mean-token-mean" if loss_name == "gspo" else mode)
+    return loss + (sum(reg_terms) / len(reg_terms) if reg_terms else 0.0)  # the regression head's own loss
 
 
 # ------------------------------------------------------------------ the check
 
 
-def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout", weighter_name="none", **terms):
+def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout", weighter_name="none",
+                 head: dict | None = None, **terms):
     params = {"think_discount": 0.3, "epsilon": 0.1, "credit_scale": 2.0, "entropy_temp": 0.7,
-              "mask_percentile": 60.0, "attribution_entropy_coef": 0.0, "attribution_lr": None}
+              "mask_percentile": 60.0, "attribution_entropy_coef": 0.0, "attribution_lr": None, **(head or {})}
     model, ref_model = make_model(0), make_model(1)
     episodes = make_episodes(model)
     weighter = gm.build_weighter(weighter_name, hidden_size=32, **params) if weighter_name != "none" else None
@@ -263,3 +273,31 @@ def test_second_ppo_iteration_clips_and_the_first_does_not_with_recompute():
     stats = grpo.update_policy(model, opt, episodes, torch.tensor(ADVANTAGES), cfg)
     assert stats.metrics["clip_frac"] == 0.0
     assert stats.metrics["clip_frac/later_iterations"] > 0.0
+
+
+@pytest.mark.parametrize("micro", [4, 1])
+@pytest.mark.parametrize("head", [{"detach_hidden": False}, {"objective": "advantage_regression"},
+                                  {"objective": "advantage_regression", "detach_hidden": False}])
+def test_attribution_variants_gradient_equals_the_formula(head, micro):
+    """detach_hidden false: the head's gradient reaches the policy (the seed's "through both"); the
+    regression objective: the head fits the advantage and the policy sees constant weights."""
+    check_update("pg", "token-mean", micro, weighter_name="attribution", head=head)
+
+
+def test_detach_hidden_decides_whether_the_head_loss_reaches_the_model():
+    def model_grad(detach: bool) -> float:
+        model = make_model(0)
+        episodes = make_episodes(model)
+        weighter = gm.build_weighter("attribution", hidden_size=32, detach_hidden=detach,
+                                     objective="advantage_regression")
+        opt = torch.optim.SGD(list(model.parameters()) + weighter.parameters(), lr=0.0)
+        grads = {}
+        opt.step = lambda: grads.update(model=sum(float(p.grad.abs().sum()) for p in model.parameters()),
+                                        head=float(weighter.head.proj.weight.grad.abs().sum()))
+        # zero advantages: the policy term is 0, so any model gradient comes from the head's regression loss
+        grpo.update_policy(model, opt, episodes, torch.zeros(4), grpo.UpdateConfig(max_grad_norm=1e9), weighter,
+                           extra_parameters=weighter.parameters())
+        assert grads["head"] > 0
+        return grads["model"]
+    assert model_grad(detach=True) == 0.0
+    assert model_grad(detach=False) > 0.0
