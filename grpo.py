@@ -16,43 +16,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_types import Episode, TokenBatch, UpdateStats
+from rollout import RolloutEngine, RolloutOutput, row_keys, stream_key
 
-# ============================================================================ sampling
-
-
-def sample_next_token(
-    logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Draw one token per row from softmax(logits / temperature), optionally nucleus-truncated.
-
-    Uses the exponential race (argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i),
-    which is exact categorical sampling without a host sync (gpt-fast's trick). temperature 0 = greedy.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always survives
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(dim=-1)
+# ============================================================================ sampling (entry points; the engine is rollout.py)
 
 
-@dataclass
-class SampleOutput:
-    tokens: list[list[int]]  # new tokens per prompt, up to and including the first end token
-    log_probs: list[list[float]]  # log pi(token) under the untempered policy, from the cached forward
-    entropies: list[list[float]]  # entropy of the untempered policy at each sampled position
-    finished: list[bool]
+SampleOutput = RolloutOutput  # tokens, log_probs, entropies, finished per row
 
 
-@torch.no_grad()
+def _stream(seed: int | None, generator: torch.Generator | None) -> int:
+    """The noise stream of a call: from `seed`, else drawn from `generator` (so a seeded generator still
+    gives reproducible calls), else fixed."""
+    if seed is not None:
+        return stream_key(seed)
+    if generator is not None:
+        return stream_key(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return stream_key(0)
+
+
 def sample(
     model: torch.nn.Module,
     prompt_token_ids: Sequence[Sequence[int]],
@@ -63,65 +47,17 @@ def sample(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     pad_token_id: int = 0,
-    progress: bool = False,
 ) -> SampleOutput:
-    """Batched sampling for prompts of different lengths: left-pad, prefill once, decode with the KV cache.
-
-    Left padding keeps every row's next token in the same cache slot; `pad_lens` makes the model ignore
-    the padding and shift RoPE positions, so each row sees exactly its unpadded prompt.
-    """
-    device = next(model.parameters()).device
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
-    batch = len(prompt_token_ids)
-    if batch == 0:
-        return SampleOutput([], [], [], [])
-    lens = [len(p) for p in prompt_token_ids]
-    if min(lens) == 0:
-        raise ValueError("every prompt needs at least one token")
-    prompt_len = max(lens)
-    tokens = torch.full((batch, prompt_len), pad_token_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompt_token_ids):
-        tokens[i, prompt_len - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-    pad_lens = torch.tensor([prompt_len - n for n in lens], device=device)
-
-    model.setup_caches(max_batch_size=batch, max_seq_len=prompt_len + max_new_tokens)
-    out_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    out_logp = torch.zeros(batch, max_new_tokens, device=device)
-    out_ent = torch.zeros(batch, max_new_tokens, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
+    """Completions of prompts of different lengths, with log-probs and entropies (the rollout engine,
+    rollout.py). Each row is keyed by its index: identical prompts still draw independent samples."""
+    n = len(prompt_token_ids)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    engine = RolloutEngine(model)
     try:
-        last = torch.full((batch, 1), prompt_len - 1, device=device)  # the prompt's other logits are never used
-        logits = model(tokens, input_pos=torch.arange(prompt_len, device=device), pad_lens=pad_lens,
-                       logits_positions=last)[:, -1]
-        steps = range(max_new_tokens)
-        for t in tqdm(steps, desc="rollout", leave=False, disable=None if progress else True):
-            next_token = sample_next_token(logits, temperature, top_p, generator)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            out_logp[:, t] = logp.gather(-1, next_token[:, None]).squeeze(-1)
-            out_ent[:, t] = -(logp.exp() * logp).sum(-1)
-            next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
-            out_tokens[:, t] = next_token
-            just_ended = ~finished & torch.isin(next_token, eos)
-            lengths = torch.where(just_ended, torch.full_like(lengths, t + 1), lengths)
-            finished |= just_ended
-            if t + 1 == max_new_tokens or bool(finished.all()):
-                break
-            logits = model(
-                next_token[:, None], input_pos=torch.tensor([prompt_len + t], device=device), pad_lens=pad_lens
-            )[:, -1]
+        keys = row_keys(_stream(seed, generator), range(n), [0] * n)
+        return engine.generate(prompt_token_ids, keys, 1, max_new_tokens, eos, temperature, top_p, pad_token_id)
     finally:
-        model.clear_caches()
-    lengths_l = lengths.tolist()
-    toks, lps, ents = out_tokens.tolist(), out_logp.tolist(), out_ent.tolist()
-    return SampleOutput(
-        tokens=[toks[i][: lengths_l[i]] for i in range(batch)],
-        log_probs=[lps[i][: lengths_l[i]] for i in range(batch)],
-        entropies=[ents[i][: lengths_l[i]] for i in range(batch)],
-        finished=finished.tolist(),
-    )
+        engine.release()
 
 
 def generate(
@@ -172,39 +108,41 @@ def rollout(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    *,
+    stream: int | None = None,
+    question_ids: Sequence[int] | None = None,
+    engine: RolloutEngine | None = None,
 ) -> list[Episode]:
     """Sample `num_answers_per_question` completions per question and score them.
 
-    Episodes come back group-major: episodes[q * group_size + j] is answer j to question q.
-    `reward_fn(problem, completion_text)` returns {"reward": float, "reward_info": {...}}.
+    Episodes come back group-major: episodes[q * group_size + j] is answer j to question q. Row (q, j) is
+    keyed by (stream, question_ids[q], j) (rollout.py), so the same call always samples the same tokens
+    however it is batched. `stream` defaults to one drawn from `generator`. `batch_size` caps the rows per
+    engine call. `reward_fn(problem, completion_text)` returns {"reward": float, "reward_info": {...}}.
     """
-    group_size = num_answers_per_question
+    g = num_answers_per_question
+    qids = list(range(len(prompts))) if question_ids is None else list(question_ids)
+    stream = _stream(None, generator) if stream is None else stream
     prompt_ids = [tokenizer.encode(p) for p in prompts]
-    flat_ids = [ids for ids in prompt_ids for _ in range(group_size)]
-    chunk = batch_size or len(flat_ids)
-    outputs: list[SampleOutput] = []
-    for start in range(0, len(flat_ids), chunk):
-        outputs.append(
-            sample(model, flat_ids[start: start + chunk], max_new_tokens, tokenizer.end_token_ids,
-                   temperature, top_p, generator=generator, pad_token_id=tokenizer.pad_token_id,
-                   progress=progress)
-        )
-    tokens = [t for o in outputs for t in o.tokens]
-    log_probs = [t for o in outputs for t in o.log_probs]
-    entropies = [t for o in outputs for t in o.entropies]
-    finished = [f for o in outputs for f in o.finished]
-
+    engine = engine or RolloutEngine(model)
+    per_call = max(1, (batch_size or len(prompts) * g) // g)
+    outputs = []
+    for start in range(0, len(prompts), per_call):
+        chunk = range(start, min(len(prompts), start + per_call))
+        keys = row_keys(stream, [qids[q] for q in chunk for _ in range(g)], [j for _ in chunk for j in range(g)])
+        outputs.append(engine.generate([prompt_ids[q] for q in chunk], keys, g, max_new_tokens,
+                                       tokenizer.end_token_ids, temperature, top_p, tokenizer.pad_token_id))
+    rows = [(t, lp, h, f) for o in outputs for t, lp, h, f in zip(o.tokens, o.log_probs, o.entropies, o.finished)]
     episodes = []
-    for i, gen in enumerate(tokens):
-        q = i // group_size
-        body = gen[:-1] if finished[i] else gen  # the end token is not part of the answer text
+    for i, (gen, log_probs, entropies, finished) in enumerate(rows):
+        q = i // g
+        body = gen[:-1] if finished else gen  # the end token is not part of the answer text
         text = tokenizer.decode(body)
         scored = reward_fn(problems[q], text)
         episodes.append(Episode(
             prompt=prompts[q], prompt_token_ids=prompt_ids[q], generated_token_ids=gen, text=text,
-            reward=float(scored["reward"]), reward_info=dict(scored["reward_info"]), finished=finished[i],
-            group_idx=q, problem=problems[q], log_probs=log_probs[i], entropies=entropies[i],
+            reward=float(scored["reward"]), reward_info=dict(scored["reward_info"]), finished=finished,
+            group_idx=q, problem=problems[q], log_probs=log_probs, entropies=entropies,
             answer_start=section_start(tokenizer, body, text) if body else None,
         ))
     return episodes

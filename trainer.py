@@ -32,6 +32,7 @@ from fileio import atomic_write_text
 from grpo_mitigations import TokenWeighter, build_weighter
 from optimizer import build_optimizer
 from qwen2_model import Transformer
+from rollout import RolloutEngine, stream_key
 from tasks import Task, build_task
 from tokenizer import Tokenizer
 
@@ -117,20 +118,17 @@ def reference_episode(task: Task, problem: Any, prompt: str, tokenizer: Tokenize
 
 @torch.no_grad()
 def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, problems: Sequence[Any], config: Config,
-             device: torch.device, name: str = "eval") -> dict[str, float]:
+             name: str = "eval", engine: RolloutEngine | None = None) -> dict[str, float]:
     """Success rate on a fixed problem set, one sample per problem, with the same sampling noise every time.
     Keys are `success_rate/{name}`, `format_reward/{name}`, ... and `success_rate/{name}_{group}` per the
     task's eval groups (e.g. 3- and 4-number Countdown problems)."""
     e, t = config.eval, config.training
     temperature = t.temperature if e.temperature is None else e.temperature
-    generator = torch.Generator(device=device).manual_seed(e.seed)
-    prompts = [task.prompt(p) for p in problems]
-    episodes = []
-    model.eval()
-    for start in range(0, len(problems), e.batch_size):
-        episodes += grpo.rollout(model, tokenizer, problems[start: start + e.batch_size],
-                                 prompts[start: start + e.batch_size], task.reward, 1, t.max_new_tokens,
-                                 temperature, t.top_p, generator)
+    model.eval()  # the same noise at every evaluation: keyed by (eval seed, set name, problem index)
+    stream = stream_key(e.seed, *name.encode())
+    episodes = grpo.rollout(model, tokenizer, problems, [task.prompt(p) for p in problems], task.reward, 1,
+                            t.max_new_tokens, temperature, t.top_p, batch_size=e.batch_size, stream=stream,
+                            engine=engine)
     solved = np.array([ep.reward_info["answer_reward"] == 1.0 for ep in episodes], dtype=float)
     out = {
         f"success_rate/{name}": float(solved.mean()),
@@ -237,6 +235,7 @@ class Run:
     update_cfg: grpo.UpdateConfig
     start_step: int
     tokenizer_dir: Path
+    engine: RolloutEngine | None = None  # the rollout engine, its KV cache reused across rollouts
     reference_cache: dict = field(default_factory=dict)
     nonfinite_in_a_row: int = 0
     last_ckpt: Path | None = None
@@ -304,6 +303,7 @@ def setup(config: Config, resume: str | bool | None) -> Run:
               model, tokenizer, ref_model, weighter, optimizer, [g["lr"] for g in optimizer.param_groups],
               torch.Generator(device=device).manual_seed(t.seed), QuestionSampler(len(train_set), t.seed), credit,
               None, update_config(config, tokenizer), 0, resume_path or Path(config.model.path))  # type: ignore[arg-type]
+    run.engine = RolloutEngine(model)
     if resume_path is not None:
         _restore(run, resume_path)
     run.metrics_log = MetricsLog(Path(t.log_dir), run.start_step if resume_path is not None else None)
@@ -341,7 +341,7 @@ def save(run: Run, step: int) -> Path:
 def evaluate_all(run: Run) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, problems in run.eval_sets.items():
-        out.update(evaluate(run.model, run.tokenizer, run.task, problems, run.config, run.device, name))
+        out.update(evaluate(run.model, run.tokenizer, run.task, problems, run.config, name, run.engine))
     return out
 
 
@@ -366,7 +366,7 @@ def group_rewards(episodes: Sequence[Episode], g: int) -> torch.Tensor:
     return torch.tensor([e.reward for e in episodes], dtype=torch.float64).view(-1, g)
 
 
-def collect_groups(run: Run) -> tuple[list[Episode], dict[str, float]]:
+def collect_groups(run: Run, step: int) -> tuple[list[Episode], dict[str, float]]:
     """Roll out one batch of groups (episodes group-major) and the sampling metrics.
 
     With `algorithm.dynamic_sampling` (DAPO) zero-variance groups are dropped and more questions are rolled
@@ -378,10 +378,12 @@ def collect_groups(run: Run) -> tuple[list[Episode], dict[str, float]]:
     rounds = drawn = zero_var = 0
     while True:
         rounds += 1
-        problems = [run.train_set[i] for i in run.sampler.next(want)]
+        idx = run.sampler.next(want)
+        problems = [run.train_set[i] for i in idx]
+        # noise keyed by (seed, step, round, question, sample): independent of batching and sharding
         new = grpo.rollout(run.model, run.tokenizer, problems, [run.task.prompt(p) for p in problems],
-                           run.task.reward, g, t.max_new_tokens, t.temperature, t.top_p, run.generator,
-                           progress=True)
+                           run.task.reward, g, t.max_new_tokens, t.temperature, t.top_p,
+                           stream=stream_key(t.seed, step, rounds), question_ids=idx, engine=run.engine)
         shape_rewards(new, run.config)
         flat = zero_variance(group_rewards(new, g))
         drawn, zero_var = drawn + len(problems), zero_var + int(flat.sum())
@@ -515,7 +517,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     """One GRPO step: rollout -> (injection) -> filtering and advantages -> update -> metrics."""
     t0 = time.perf_counter()
     run.model.eval()
-    episodes, metrics = collect_groups(run)
+    episodes, metrics = collect_groups(run, step)
     t_rollout = time.perf_counter() - t0
     if run.config.algorithm.ground_truth_injection:
         metrics.update(inject_references(run, episodes))

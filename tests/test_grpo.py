@@ -222,26 +222,6 @@ def test_token_statistics():
 # ------------------------------------------------------------------ sampling
 
 
-def test_sample_next_token_follows_softmax_over_temperature():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(200_000, 5)
-    gen = torch.Generator().manual_seed(0)
-    for temperature in (1.0, 0.5, 2.0):
-        draws = grpo.sample_next_token(logits, temperature, 1.0, gen)
-        freq = torch.bincount(draws, minlength=5).double() / len(draws)
-        expected = torch.softmax(logits[0].double() / temperature, -1)
-        assert (freq - expected).abs().max() < 0.005, (temperature, freq, expected)
-
-
-def test_top_p_keeps_the_smallest_prefix_reaching_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(100_000, 4)
-    draws = grpo.sample_next_token(logits, 1.0, 0.7, torch.Generator().manual_seed(1))
-    freq = torch.bincount(draws, minlength=4).double() / len(draws)
-    assert freq[2] == 0 and freq[3] == 0  # 0.5 + 0.3 >= 0.7: the tail is cut
-    assert abs(freq[0] - 0.5 / 0.8) < 0.01
-    greedy = grpo.sample_next_token(logits[:3], 0.0)
-    assert greedy.tolist() == [0, 0, 0]
-
-
 def test_generate_greedy_equals_argmax_of_full_forward_at_every_step():
     model = tiny_model()
     prompts = [[3, 4, 5, 6, 7], [8, 9], [1, 2, 3, 10, 11, 12, 13]]

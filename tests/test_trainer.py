@@ -254,7 +254,7 @@ class _Problems:
 
 def _fake_run(cfg, train_set):
     return SimpleNamespace(config=cfg, task=_Problems(), train_set=train_set, model=None, tokenizer=None,
-                           generator=None, sampler=trainer.QuestionSampler(len(train_set), 0))
+                           engine=None, sampler=trainer.QuestionSampler(len(train_set), 0))
 
 
 @pytest.mark.parametrize("rounds_allowed, expect_groups", [(10, 4), (2, 2)])
@@ -265,7 +265,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_says_it_sto
     train_set = list(range(40))
     informative = {q for q in train_set if q % 4 == 0}  # one informative question in four
     monkeypatch.setattr(grpo, "rollout", _fake_rollout(informative))
-    episodes, metrics = trainer.collect_groups(_fake_run(cfg, train_set))
+    episodes, metrics = trainer.collect_groups(_fake_run(cfg, train_set), 1)
     g = cfg.training.num_answers_per_question
     rewards = trainer.group_rewards(episodes, g)
     assert rewards.shape == (expect_groups, g) and len(episodes) == expect_groups * g
@@ -283,7 +283,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_says_it_sto
 def test_without_dynamic_sampling_zero_variance_groups_are_counted_and_kept(tiny_assets, tmp_path, monkeypatch):
     cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"num_questions_per_batch": 4}))
     monkeypatch.setattr(grpo, "rollout", _fake_rollout({0}))
-    episodes, metrics = trainer.collect_groups(_fake_run(cfg, list(range(8))))
+    episodes, metrics = trainer.collect_groups(_fake_run(cfg, list(range(8))), 1)
     assert len(episodes) == 4 * cfg.training.num_answers_per_question
     assert metrics["groups/zero_variance_frac"] == (3 / 4 if 0 in {e.problem for e in episodes} else 1.0)
     assert "sampling/rounds" not in metrics

@@ -1,0 +1,228 @@
+"""The rollout engine: batched prefill, one prefill per question shared by its G completions, a decode loop
+over a static KV cache reused across rollouts, and compaction of finished rows.
+
+Sampling noise is keyed, never drawn from a stateful generator: the token at (row key, position) is chosen
+by inverse-CDF sampling with one uniform u = hash(key, position), where a row's key is a hash of (seed,
+stream, question, sample). So which tokens are sampled depends only on those numbers, not on the batch
+layout: compaction, prefix sharing, micro-batching or sharding questions over ranks never change a rollout.
+A plain `generate` call keys each row by its index, so 4,000 copies of one prompt draw 4,000 independent
+samples.
+
+grpo.py keeps the algorithm and its simple entry points (`grpo.generate`, `grpo.sample`, `grpo.rollout`),
+which call this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MASK64 = (1 << 64) - 1
+
+
+# ============================================================================ keyed noise
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer on a Python int: a bijective, well-mixed 64-bit hash."""
+    x &= MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def stream_key(*parts: int) -> int:
+    """One 63-bit key from integers (seed, step, round, ...): hashed in order, so (1, 2) != (2, 1)."""
+    key = 0x9E3779B97F4A7C15
+    for p in parts:
+        key = _mix64(key ^ _mix64(int(p) & MASK64))
+    return key >> 1  # fits a signed int64 tensor
+
+
+def row_keys(stream: int, questions: Sequence[int], samples: Sequence[int], device: torch.device | str = "cpu"
+             ) -> torch.Tensor:
+    """Keys [N] of rows (question q, sample j) within a stream: the identity of a row, not its content."""
+    return torch.tensor([stream_key(stream, q, j) for q, j in zip(questions, samples)], dtype=torch.int64,
+                        device=device)
+
+
+def _mix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on an int64 tensor (wrapping multiplies; logical shifts by masking)."""
+    def shr(v: torch.Tensor, n: int) -> torch.Tensor:
+        return (v >> n) & ((1 << (64 - n)) - 1)
+    x = (x ^ shr(x, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
+    x = (x ^ shr(x, 27)) * -7723592293110705685  # 0x94D049BB133111EB as int64
+    return x ^ shr(x, 31)
+
+
+def keyed_uniform(keys: torch.Tensor, position: int) -> torch.Tensor:
+    """u in (0, 1) per row, a function of (row key, position) only: float64 [N]."""
+    p = _mix64(position + 0x632BE59BD9B4E019)
+    x = _mix64_tensor(_mix64_tensor(keys ^ (p - (1 << 64) if p >= 1 << 63 else p)))
+    return (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)
+
+
+def sample_keyed(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
+                 ) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) (nucleus-truncated when top_p < 1), by inverse
+    CDF with the row's uniform: exact categorical sampling, one uniform per row, no host sync.
+    temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(before >= top_p, 0.0)  # the top token always survives
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # the first entry whose CDF exceeds u x total; kept strictly below the total so that entry has mass
+    target = torch.minimum(uniforms.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    idx = torch.searchsorted(cdf, target, right=True)
+    return idx.squeeze(-1) if order is None else order.gather(-1, idx).squeeze(-1)
+
+
+# ============================================================================ the engine
+
+
+@dataclass
+class RolloutOutput:
+    tokens: list[list[int]]  # new tokens per row, up to and including the first end token
+    log_probs: list[list[float]]  # log pi(token) under the untempered policy
+    entropies: list[list[float]]  # entropy of the untempered policy at each sampled position
+    finished: list[bool]
+
+
+@dataclass
+class _Rows:
+    """The decode loop's live rows: their original index, key and padding; shrinks on compaction."""
+
+    ids: torch.Tensor  # [n] original row index
+    keys: torch.Tensor  # [n]
+    pad_lens: torch.Tensor  # [n]
+    done: torch.Tensor  # [n] bool
+
+
+class RolloutEngine:
+    """Owns a static KV cache for one model, reused across rollouts (reallocated only when a rollout needs
+    more rows or positions). `compact_frac`: compact the live batch once this fraction of it has finished."""
+
+    def __init__(self, model: torch.nn.Module, compact_frac: float = 0.25, sync_every: int = 4):
+        self.model, self.compact_frac, self.sync_every = model, compact_frac, sync_every
+        self.capacity = (0, 0)
+
+    def _caches(self) -> list:
+        return [layer.self_attn.kv_cache for layer in self.model.model.layers]
+
+    def _ensure_cache(self, rows: int, length: int) -> None:
+        if self._caches()[0] is None or rows > self.capacity[0] or length > self.capacity[1]:
+            self.capacity = (max(rows, self.capacity[0]), max(length, self.capacity[1]))
+            self.model.setup_caches(max_batch_size=self.capacity[0], max_seq_len=self.capacity[1])
+
+    def release(self) -> None:
+        """Free the cache (e.g. before a memory-hungry update on a GPU)."""
+        self.model.clear_caches()
+        self.capacity = (0, 0)
+
+    def _gather_rows(self, index: torch.Tensor) -> None:
+        """Cache rows [0, len(index)) <- rows `index` (expansion of shared prefixes, or compaction)."""
+        n = index.numel()
+        for cache in self._caches():
+            cache.k_cache[:n] = cache.k_cache[index]
+            cache.v_cache[:n] = cache.v_cache[index]
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Left-padded batched prefill of the distinct prompts: (last-position logits [Q, V], pad_lens [Q], P)."""
+        width = max(len(p) for p in prompts)
+        tokens = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        pad_lens = torch.tensor([width - len(p) for p in prompts], device=device)
+        last = torch.full((len(prompts), 1), width - 1, device=device)
+        logits = self.model(tokens.to(device), input_pos=torch.arange(width, device=device), pad_lens=pad_lens,
+                            logits_positions=last)[:, -1]
+        return logits, pad_lens, width
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], keys: torch.Tensor, group_size: int, max_new_tokens: int,
+                 eos_token_ids: Sequence[int], temperature: float = 1.0, top_p: float = 1.0, pad_token_id: int = 0
+                 ) -> RolloutOutput:
+        """Completions for `group_size` rows per distinct prompt (row q * group_size + j), keyed by `keys`."""
+        if not prompts:
+            return RolloutOutput([], [], [], [])
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        device = next(self.model.parameters()).device
+        n = len(prompts) * group_size
+        if keys.numel() != n:
+            raise ValueError(f"need one key per row ({n}), got {keys.numel()}")
+        self._ensure_cache(n, max(len(p) for p in prompts) + max_new_tokens)
+        logits, pad_lens, width = self._prefill(prompts, device)
+        expand = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+        if group_size > 1:  # each question prefilled once; its cache rows copied to its G samples
+            self._gather_rows(expand)
+            logits = logits[expand]
+        rows = _Rows(torch.arange(n, device=device), keys.to(device), pad_lens[expand],
+                     torch.zeros(n, dtype=torch.bool, device=device))
+        out = _Outputs(n, max_new_tokens, pad_token_id, device)
+        eos = torch.tensor(list(eos_token_ids), device=device)
+        for t in range(max_new_tokens):
+            token = self._sample_step(logits, rows, out, t, temperature, top_p, eos)
+            if t + 1 == max_new_tokens:
+                break
+            if (t + 1) % self.sync_every == 0:  # a host sync every few tokens, not every token
+                rows = self._compact(rows)
+                if rows.ids.numel() == 0:
+                    break
+                token = out.tokens[rows.ids, t]  # the live rows' last tokens, in their new order
+            logits = self.model(token[:, None], input_pos=torch.tensor([width + t], device=device),
+                                pad_lens=rows.pad_lens)[:, -1]
+        return out.result()
+
+    def _sample_step(self, logits: torch.Tensor, rows: _Rows, out: _Outputs, t: int, temperature: float,
+                     top_p: float, eos: torch.Tensor) -> torch.Tensor:
+        token = sample_keyed(logits, keyed_uniform(rows.keys, t), temperature, top_p)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out.record(rows, t, token, logp.gather(-1, token[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1))
+        ended = ~rows.done & torch.isin(token, eos)
+        out.lengths[rows.ids[ended]] = t + 1
+        out.finished[rows.ids[ended]] = True
+        rows.done |= ended
+        return token
+
+    def _compact(self, rows: _Rows) -> _Rows:
+        """Drop finished rows from the live batch (and the cache) once enough of them have finished."""
+        n_done = int(rows.done.sum())
+        if n_done == 0 or n_done < self.compact_frac * rows.ids.numel() and n_done < rows.ids.numel():
+            return rows
+        keep = (~rows.done).nonzero().squeeze(-1)
+        if keep.numel():
+            self._gather_rows(keep)
+        return _Rows(rows.ids[keep], rows.keys[keep], rows.pad_lens[keep], rows.done[keep])
+
+
+class _Outputs:
+    """Per original row, preallocated: tokens, log-probs, entropies, lengths, finished."""
+
+    def __init__(self, n: int, max_new_tokens: int, pad_token_id: int, device: torch.device):
+        self.tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.log_probs = torch.zeros(n, max_new_tokens, device=device)
+        self.entropies = torch.zeros(n, max_new_tokens, device=device)
+        self.lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
+        self.finished = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def record(self, rows: _Rows, t: int, token: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor) -> None:
+        live = ~rows.done  # rows that finished earlier but are not compacted away yet write nothing
+        ids = rows.ids[live]
+        self.tokens[ids, t] = token[live]
+        self.log_probs[ids, t] = logp[live]
+        self.entropies[ids, t] = entropy[live]
+
+    def result(self) -> RolloutOutput:
+        lengths = self.lengths.tolist()
+        toks, lps, ents = self.tokens.tolist(), self.log_probs.tolist(), self.entropies.tolist()
+        return RolloutOutput([r[:k] for r, k in zip(toks, lengths)], [r[:k] for r, k in zip(lps, lengths)],
+                             [r[:k] for r, k in zip(ents, lengths)], self.finished.tolist())

@@ -1,0 +1,151 @@
+"""The rollout engine: keyed sampling follows softmax/T; prefix sharing, compaction, batch size and engine
+reuse never change which tokens are sampled; cached log-probs equal a full recompute; greedy is the argmax."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import grpo
+from data_types import Episode
+from qwen2_model import ModelConfig, Transformer
+from rollout import RolloutEngine, keyed_uniform, row_keys, sample_keyed, stream_key
+
+VOCAB = 23
+EOS = [5, 11]  # frequent enough on a random model that most rows finish early: compaction is exercised
+
+
+def model() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, torch_dtype="float32")
+    return Transformer.from_config(cfg, dtype=torch.float32).eval()
+
+
+PROMPTS = [[3, 4, 6, 7, 8], [9, 2], [1, 2, 3, 10, 12, 13, 14], [16]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_keyed_sampling_follows_softmax_over_temperature(temperature):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(200_000, 5)
+    keys = row_keys(stream_key(7), range(200_000), [0] * 200_000)
+    draws = sample_keyed(logits, keyed_uniform(keys, 3), temperature)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    expected = torch.softmax(logits[0].double() / temperature, -1)
+    assert (freq - expected).abs().max() < 0.005, (freq, expected)
+
+
+def test_keyed_uniforms_are_uniform_and_independent_across_positions():
+    keys = row_keys(stream_key(1, 2), range(100_000), [0] * 100_000)
+    u0, u1 = keyed_uniform(keys, 0).numpy(), keyed_uniform(keys, 1).numpy()
+    assert 0 < u0.min() and u0.max() < 1
+    assert abs(u0.mean() - 0.5) < 0.005 and abs(u0.var() - 1 / 12) < 0.002
+    assert abs(np.corrcoef(u0, u1)[0, 1]) < 0.01
+    assert np.histogram(u0, bins=10, range=(0, 1))[0].min() > 9_500
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(100_000, 4)
+    keys = row_keys(stream_key(2), range(100_000), [0] * 100_000)
+    draws = sample_keyed(logits, keyed_uniform(keys, 0), 1.0, 0.7)
+    freq = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert freq[2] == 0 and freq[3] == 0  # 0.5 + 0.3 >= 0.7: the tail is cut
+    assert abs(freq[0] - 0.5 / 0.8) < 0.01
+    assert sample_keyed(logits[:3], keyed_uniform(keys[:3], 0), 0.0).tolist() == [0, 0, 0]
+
+
+def test_a_zero_probability_token_is_never_drawn_even_at_the_edge():
+    logits = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]]).expand(4, 4)
+    u = torch.tensor([1e-300, 0.5, 1 - 2**-53, 1.0], dtype=torch.float64)
+    assert set(sample_keyed(logits, u, 1.0).tolist()) <= {0, 2}
+
+
+def run(engine, prompts, group, stream=11, max_new=24, temperature=1.0, qids=None):
+    qids = qids or list(range(len(prompts)))
+    keys = row_keys(stream, [q for q in qids for _ in range(group)], [j for _ in qids for j in range(group)])
+    return engine.generate(prompts, keys, group, max_new, EOS, temperature)
+
+
+def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens():
+    m = model()
+    shared = run(RolloutEngine(m, compact_frac=0.25, sync_every=1), PROMPTS, group=6)
+    assert 0.3 < np.mean(shared.finished) < 1.0  # rows end at different times
+    # no compaction at all
+    plain = run(RolloutEngine(m, compact_frac=2.0), PROMPTS, group=6)
+    # no prefix sharing: each prompt repeated 6 times, group size 1, same row keys
+    engine = RolloutEngine(m)
+    repeated = [p for p in PROMPTS for _ in range(6)]
+    keys = row_keys(11, [q for q in range(4) for _ in range(6)], [j for _ in range(4) for j in range(6)])
+    unshared = engine.generate(repeated, keys, 1, 24, EOS)
+    # one question at a time, reusing the engine (and its larger cache) from the runs above
+    single = [run(engine, [PROMPTS[q]], group=6, qids=[q]) for q in range(4)]
+    single_tokens = [t for s in single for t in s.tokens]
+    for other in (plain.tokens, unshared.tokens, single_tokens):
+        assert other == shared.tokens
+    np.testing.assert_allclose(np.concatenate(plain.log_probs), np.concatenate(shared.log_probs), atol=1e-5)
+    # the samples of one question differ (keys are row identities, not content)
+    assert len({tuple(t) for t in shared.tokens[:6]}) > 1
+
+
+def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction():
+    m = model()
+    out = run(RolloutEngine(m, compact_frac=0.1, sync_every=1), PROMPTS, group=5)
+    prompts = [p for p in PROMPTS for _ in range(5)]
+    episodes = [Episode(prompt="", prompt_token_ids=p, generated_token_ids=g, text="", reward=0.0, reward_info={},
+                        finished=f, group_idx=0) for p, g, f in zip(prompts, out.tokens, out.finished)]
+    with torch.no_grad():
+        fwd = grpo.forward_completions(m, episodes, pad_token_id=0)
+        lp, ent, _ = grpo.token_statistics(fwd.logits, fwd.targets)
+    for i, g in enumerate(out.tokens):
+        assert fwd.targets[i, : len(g)].tolist() == g
+        np.testing.assert_allclose(out.log_probs[i], lp[i, : len(g)].numpy(), atol=1e-5)
+        np.testing.assert_allclose(out.entropies[i], ent[i, : len(g)].numpy(), atol=1e-5)
+        if out.finished[i]:
+            assert g[-1] in EOS and not any(t in EOS for t in g[:-1])
+
+
+def test_greedy_with_shared_prefixes_is_the_argmax_of_the_full_forward():
+    m = model()
+    out = run(RolloutEngine(m), PROMPTS, group=3, temperature=0.0, max_new=10)
+    for r, tokens in enumerate(out.tokens):
+        seq = list(PROMPTS[r // 3])
+        for tok in tokens:
+            with torch.no_grad():
+                assert tok == int(m(torch.tensor([seq]))[0, -1].argmax())
+            seq.append(tok)
+    assert out.tokens[0] == out.tokens[1] == out.tokens[2]
+
+
+def test_copies_of_one_prompt_draw_independent_samples():
+    m = model()
+    n = 4000
+    out = grpo.sample(m, [[1, 2, 3]] * n, max_new_tokens=1, eos_token_id=[99], seed=5)
+    first = torch.tensor([t[0] for t in out.tokens])
+    with torch.no_grad():
+        p = torch.softmax(m(torch.tensor([[1, 2, 3]]))[0, -1].double(), -1)
+    freq = torch.bincount(first, minlength=VOCAB).double() / n
+    assert (freq - p).abs().max() < 0.03 and len(set(first.tolist())) > 10
+
+
+def test_rollout_episodes_do_not_depend_on_the_batch_size():
+    from test_grpo import CharTok
+
+    tok = CharTok()
+    m_ = Transformer.from_config(ModelConfig(
+        model_type="qwen2", vocab_size=len(tok.alphabet) + 1, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="float32"), dtype=torch.float32)
+
+    def reward(problem, text):
+        return {"reward": float(len(text)), "reward_info": {}}
+
+    kw = dict(num_answers_per_question=4, max_new_tokens=8, stream=3, question_ids=[10, 11, 12])
+    a = grpo.rollout(m_, tok, ["a", "b", "c"], ["12", "345", "6"], reward, **kw)
+    b = grpo.rollout(m_, tok, ["a", "b", "c"], ["12", "345", "6"], reward, batch_size=4, **kw)
+    c = grpo.rollout(m_, tok, ["b"], ["345"], reward, num_answers_per_question=4, max_new_tokens=8, stream=3,
+                     question_ids=[11])
+    assert [e.generated_token_ids for e in a] == [e.generated_token_ids for e in b]
+    assert [e.generated_token_ids for e in a[4:8]] == [e.generated_token_ids for e in c]
