@@ -71,16 +71,19 @@ def sample_keyed(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
     temperature 0 = greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return sample_from_probs(torch.softmax(logits.float() / temperature, dim=-1), uniforms, top_p)
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p, 0.0)  # the top token always survives
-    cdf = probs.double().cumsum(dim=-1)
+    cdf = probs.cumsum(dim=-1)  # nondecreasing; a zero-probability entry repeats its predecessor's value
     total = cdf[:, -1:]
     # the first entry whose CDF exceeds u x total; kept strictly below the total so that entry has mass
-    target = torch.minimum(uniforms.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(uniforms.to(cdf.dtype).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
     idx = torch.searchsorted(cdf, target, right=True)
     return idx.squeeze(-1) if order is None else order.gather(-1, idx).squeeze(-1)
 
@@ -184,9 +187,14 @@ class RolloutEngine:
 
     def _sample_step(self, logits: torch.Tensor, rows: _Rows, out: _Outputs, t: int, temperature: float,
                      top_p: float, eos: torch.Tensor) -> torch.Tensor:
-        token = sample_keyed(logits, keyed_uniform(rows.keys, t), temperature, top_p)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        out.record(rows, t, token, logp.gather(-1, token[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1))
+        logp = torch.log_softmax(logits.float(), dim=-1)  # the untempered policy: logged log-probs, entropy
+        p = logp.exp()
+        if temperature == 0:
+            token = logits.argmax(dim=-1)
+        else:
+            probs = p if temperature == 1.0 else torch.softmax(logits.float() / temperature, dim=-1)
+            token = sample_from_probs(probs, keyed_uniform(rows.keys, t), top_p)
+        out.record(rows, t, token, logp.gather(-1, token[:, None]).squeeze(-1), -(p * logp).sum(-1))
         ended = ~rows.done & torch.isin(token, eos)
         out.lengths[rows.ids[ended]] = t + 1
         out.finished[rows.ids[ended]] = True
