@@ -332,11 +332,16 @@ def summarize(jobs: Sequence[Job], ablations: Sequence[str], baseline: str) -> S
         row: dict[str, Any] = {"ablation": ab, "n_seeds": len(seeds), "final_eval_mean": final.mean,
                                "final_eval_ci95": final.half_width, "auc_eval_mean": auc.mean,
                                "auc_eval_ci95": auc.half_width, "diff_vs_baseline": None, "diff_ci95": None,
-                               "p_value": None}
+                               "p_value": None, "auc_diff_vs_baseline": None, "auc_diff_ci95": None,
+                               "auc_p_value": None}
         paired = [s for s in seeds if s in base]
         if ab != baseline and len(paired) >= 2:
             cmp = paired_test([res[s].final for s in paired], [base[s].final for s in paired])
             row.update(diff_vs_baseline=cmp.diff.mean, diff_ci95=cmp.diff.half_width, p_value=cmp.p_value)
+            auc_cmp = paired_test([normalized_auc(res[s].steps, res[s].evals) for s in paired],
+                                  [normalized_auc(base[s].steps, base[s].evals) for s in paired])
+            row.update(auc_diff_vs_baseline=auc_cmp.diff.mean, auc_diff_ci95=auc_cmp.diff.half_width,
+                       auc_p_value=auc_cmp.p_value)
         row["response_length_mean"] = t_interval([res[s].response_length for s in seeds]).mean
         row["entropy_mean"] = t_interval([res[s].entropy for s in seeds]).mean
         row["failed_runs"] = sum(j.ablation == ab for j in summary.failed)
@@ -349,17 +354,25 @@ def summarize(jobs: Sequence[Job], ablations: Sequence[str], baseline: str) -> S
     return summary
 
 
+def _judge(d: float, h: float, p: float, baseline: str, n: int) -> str:
+    span = f"{d:+.3f} [{d - h:+.3f}, {d + h:+.3f}], p = {p:.3f}"
+    if p < 0.05:
+        return f"{'better' if d > 0 else 'worse'} than {baseline} at 95% ({span})"
+    return f"no significant difference from {baseline} at {n} seeds ({span})"
+
+
 def verdict(row: dict[str, Any], baseline: str) -> str:
-    """What the intervals support, in words; never more."""
+    """What the intervals support, in words; never more. Final success and the whole curve (AUC) each get
+    their own paired test."""
     if row["ablation"] == baseline:
         return "baseline"
     if row["p_value"] is None:
         return "not compared (fewer than 2 seeds paired with the baseline)"
-    d, h, p = row["diff_vs_baseline"], row["diff_ci95"], row["p_value"]
-    span = f"{d:+.3f} [{d - h:+.3f}, {d + h:+.3f}], p = {p:.3f}"
-    if p < 0.05:
-        return f"{'better' if d > 0 else 'worse'} than {baseline} at 95% ({span})"
-    return f"no significant difference from {baseline} at {row['n_seeds']} seeds ({span})"
+    out = "final: " + _judge(row["diff_vs_baseline"], row["diff_ci95"], row["p_value"], baseline, row["n_seeds"])
+    if row.get("auc_p_value") is not None:
+        out += "; AUC: " + _judge(row["auc_diff_vs_baseline"], row["auc_diff_ci95"], row["auc_p_value"], baseline,
+                                  row["n_seeds"])
+    return out
 
 
 def _cell(v: Any) -> str:
@@ -378,7 +391,7 @@ def write_summary(summary: Summary, out: Path, header: str) -> str:
     lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in summary.rows]
     lines += ["", "Final = eval success at the last eval point; AUC = its average over the eval points; ci95 = "
               "half-width of the t-based 95% interval over seeds; diff/p = paired t-test against the baseline "
-              "on the same seeds.", "", "## Verdicts", ""]
+              "on the same seeds, for the final value and for the AUC.", "", "## Verdicts", ""]
     lines += [f"- `{r['ablation']}`: {verdict(r, summary.baseline)}" for r in summary.rows]
     for job in summary.failed:
         lines += ["", f"## Failed: {job.name} (exit {job.returncode})", "", "```", job.log_tail, "```"]

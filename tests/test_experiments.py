@@ -155,18 +155,22 @@ def test_summary_and_verdicts_from_run_metrics(tmp_path):
                                        "auc_eval_ci95", "diff_vs_baseline", "diff_ci95"]
     assert "p_value" in table.columns
     expected = "better than baseline at 95%" if hand.p_value < 0.05 else "no significant difference"
-    assert expected in text
+    assert "final: " + expected in text
+    hand_auc = stats.paired_test([(0.3 + f) / 2 for f in (0.46, 0.47, 0.49)], [(0.3 + f) / 2 for f in (0.40, 0.44, 0.42)])
+    assert soft["auc_p_value"] == pytest.approx(hand_auc.p_value) and "; AUC: " in text
     rx.plot_curves(summary, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
 def test_a_verdict_is_never_stronger_than_its_interval():
     row = {"ablation": "x", "n_seeds": 3, "diff_vs_baseline": 0.05, "diff_ci95": 0.08, "p_value": 0.21}
-    assert rx.verdict(row, "baseline").startswith("no significant difference from baseline at 3 seeds")
+    assert rx.verdict(row, "baseline").startswith("final: no significant difference from baseline at 3 seeds")
     row.update(diff_ci95=0.03, p_value=0.01)
-    assert rx.verdict(row, "baseline").startswith("better than baseline at 95%")
-    row.update(diff_vs_baseline=-0.05)
-    assert rx.verdict(row, "baseline").startswith("worse")
+    assert rx.verdict(row, "baseline").startswith("final: better than baseline at 95%")
+    row.update(diff_vs_baseline=-0.05, auc_diff_vs_baseline=-0.02, auc_diff_ci95=0.05, auc_p_value=0.4)
+    assert rx.verdict(row, "baseline") .startswith("final: worse")
+    assert rx.verdict(row, "baseline").endswith("AUC: no significant difference from baseline at 3 seeds "
+                                                "(-0.020 [-0.070, +0.030], p = 0.400)")
 
 
 # ------------------------------------------------------------------ planning and bad input
