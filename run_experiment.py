@@ -445,6 +445,7 @@ def credit_comparison(jobs: Sequence[Job], ablations: Sequence[str], tokenizer_p
             frames.append(df.assign(step=df["step"] + 1_000_000 * k) if "step" in df.columns else df)
         if frames:
             logs[ab] = pd.concat(frames, ignore_index=True)
+            logs[ab].attrs = dict(frames[0].attrs)  # concat drops them; the mitigation name lives there
     if not logs:
         return "no credit logs to compare"
     first, *rest = logs
