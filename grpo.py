@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data_types import Episode, TokenBatch, UpdateStats
@@ -450,25 +451,48 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, penal
     return (-exceed / buffer_len * penalty).clamp(max=0.0)
 
 
+def _chunk_statistics_from_logits(logits: torch.Tensor, targets: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log pi(target) and entropy (both with gradient) and the detached logit-gradient norm."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token_logp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1)
+    with torch.no_grad():
+        grad_norm = (1.0 - 2.0 * token_logp.exp() + (p * p).sum(-1)).clamp(min=0).sqrt()
+    return token_logp, entropy, grad_norm
+
+
 def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From logits [b, T, V] and targets [b, T]: log pi(target), entropy, and ||onehot(target) - p||_2.
 
     The last one is the size of d(log pi(y))/d(logits): the true per-token gradient scale at the logits
     (times |A|), unlike |A x log pi|. Entropy and the norm are detached.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    token_logp = logp.gather(-1, targets[..., None]).squeeze(-1)
-    with torch.no_grad():
-        p = logp.exp()
-        entropy = -(p * logp).sum(-1)
-        sq = 1.0 - 2.0 * token_logp.exp() + (p * p).sum(-1)
-        grad_norm = sq.clamp(min=0).sqrt()
-    return token_logp, entropy, grad_norm
+    token_logp, entropy, grad_norm = _chunk_statistics_from_logits(logits, targets)
+    return token_logp, entropy.detach(), grad_norm
 
 
-def entropy_with_grad(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def _chunk_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _chunk_statistics_from_logits(hidden @ weight.t(), targets)
+
+
+def chunked_token_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_statistics` of logits = hidden @ weight.T, computed over chunks of the sequence and recomputed
+    in the backward (activation checkpointing), so the [b, T, vocab] logits never exist at once: at Qwen's
+    151,936-token vocabulary one fp32 copy of them for 16 x 256 tokens is 2.3 GiB. Entropy keeps its gradient
+    (for the entropy bonus)."""
+    step = max(1, chunk_tokens // max(hidden.shape[0], 1))
+    parts = []
+    for start in range(0, hidden.shape[1], step):
+        h, t = hidden[:, start: start + step], targets[:, start: start + step]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            parts.append(checkpoint(_chunk_statistics, h, weight, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_statistics(h, weight, t))
+    return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(3))  # type: ignore[return-value]
 
 
 # ============================================================================ the update
@@ -490,6 +514,9 @@ class UpdateConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     teacher_forcing_coef: float = 0.0
+    # log-probs over chunks of this many tokens, recomputed in the backward: the [b, T, vocab] logits never
+    # exist whole. None: one pass over the full logits.
+    logits_chunk_tokens: int | None = 1024
     pad_token_id: int = 0
     progress: bool = False
 
@@ -521,13 +548,16 @@ def _pad(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch
 class CompletionForward:
     """The policy's outputs on prompt + completion, aligned on the completion's tokens."""
 
-    logits: torch.Tensor  # [b, T, V] at the positions that predict each generated token
+    logits: torch.Tensor | None  # [b, T, V] at the positions that predict each token; None when chunked
     targets: torch.Tensor  # [b, T] the generated tokens (0 where masked)
     mask: torch.Tensor  # [b, T] real generated tokens
     prompt_lens: torch.Tensor  # [b] where each completion starts in the whole sequence
     hidden: torch.Tensor | None = None  # [b, T, hidden] at the same positions as the logits
     last_q: torch.Tensor | None = None  # [b, H, L, head_dim] last layer, whole sequence
     last_k: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None  # [b, T] log pi(target), with gradient
+    entropy: torch.Tensor | None = None  # [b, T] policy entropy, with gradient
+    logit_grad_norm: torch.Tensor | None = None  # [b, T] ||onehot(target) - p||_2, detached
 
 
 def forward_completions(
@@ -536,9 +566,11 @@ def forward_completions(
     pad_token_id: int,
     need_hidden: bool = False,
     need_last_qk: bool = False,
+    chunk_tokens: int | None = None,
 ) -> CompletionForward:
     """Run prompt + completion (right-padded) through the model; logits only where completion tokens are
-    predicted: position prompt_len - 1 + t predicts completion token t."""
+    predicted: position prompt_len - 1 + t predicts completion token t. Also the per-token statistics. With
+    `chunk_tokens` the logits are never materialized whole (`logits` is None; chunked_token_statistics)."""
     device = next(model.parameters()).device
     seqs = [list(e.prompt_token_ids) + list(e.generated_token_ids) for e in episodes]
     width = max(len(s) for s in seqs)
@@ -551,10 +583,18 @@ def forward_completions(
     mask = offsets[None, :] < gen_lens[:, None]
     pred_pos = (prompt_lens[:, None] - 1 + offsets[None, :]).clamp(max=width - 1)
     targets = tokens.gather(1, (pred_pos + 1).clamp(max=width - 1)).masked_fill(~mask, 0)
+    if chunk_tokens:
+        out = model(tokens, output_hidden=True, output_last_qk=need_last_qk, logits_positions=pred_pos,
+                    compute_logits=False)
+        stats = chunked_token_statistics(out.hidden, model.lm_head.weight, targets, chunk_tokens)
+        return CompletionForward(None, targets, mask, prompt_lens, out.hidden if need_hidden else None, out.last_q,
+                                 out.last_k, *stats)
     out = model(tokens, output_hidden=need_hidden, output_last_qk=need_last_qk, logits_positions=pred_pos)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    stats = _chunk_statistics_from_logits(logits, targets)
     if not (need_hidden or need_last_qk):
-        return CompletionForward(out, targets, mask, prompt_lens)
-    return CompletionForward(out.logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k)
+        return CompletionForward(logits, targets, mask, prompt_lens, None, None, None, *stats)
+    return CompletionForward(logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k, *stats)
 
 
 def _micro_batches(n: int, size: int) -> list[range]:
@@ -594,12 +634,13 @@ class _MicroBatchTokens:
     answer_mask: torch.Tensor  # [b, T]
 
 
-def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any, pad_token_id: int) -> _MicroBatchTokens:
+def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any, pad_token_id: int,
+                    chunk_tokens: int | None) -> _MicroBatchTokens:
     """Step 1, forward + token statistics: log pi, entropy and the logit-gradient norm of each completion token."""
     need_hidden = bool(weighter is not None and weighter.needs_hidden)
     need_qk = bool(weighter is not None and weighter.needs_last_qk)
-    fwd = forward_completions(model, mb, pad_token_id, need_hidden, need_qk)
-    log_probs, entropy, grad_norm = token_statistics(fwd.logits, fwd.targets)
+    fwd = forward_completions(model, mb, pad_token_id, need_hidden, need_qk, chunk_tokens)
+    log_probs, entropy, grad_norm = fwd.log_probs, fwd.entropy.detach(), fwd.logit_grad_norm
     width, device = fwd.mask.shape[1], fwd.mask.device
     rollout_lp = _pad([e.log_probs for e in mb], width, 0.0, torch.float32, device)
     has_rollout = _pad([[1.0] * len(e.log_probs) for e in mb], width, 0.0, torch.float32, device).bool() & fwd.mask
@@ -656,13 +697,13 @@ def _kl_and_entropy_terms(tok: _MicroBatchTokens, mb: Sequence[Episode], config:
         if ref_model is None:
             raise ValueError("beta > 0 needs a reference model")
         with torch.no_grad():
-            ref_fwd = forward_completions(ref_model, mb, config.pad_token_id)
-            ref_log_probs, _, _ = token_statistics(ref_fwd.logits, ref_fwd.targets)
+            ref_log_probs = forward_completions(ref_model, mb, config.pad_token_id,
+                                                chunk_tokens=config.logits_chunk_tokens).log_probs
         kl = kl_penalty(tok.log_probs, ref_log_probs, config.kl_estimator)
         extra = extra + config.beta * kl
         sums.add("kl", float((kl.detach() * tok.fwd.mask).sum()))
     if config.entropy_coef > 0:
-        extra = extra - config.entropy_coef * entropy_with_grad(tok.fwd.logits)
+        extra = extra - config.entropy_coef * tok.fwd.entropy
     return extra
 
 
@@ -688,7 +729,7 @@ def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: torch.
                       iteration: int, key: int, cache: dict, totals: _BatchTotals, weighter: Any,
                       ref_model: torch.nn.Module | None, stats: UpdateStats, sums: _Sums) -> torch.Tensor:
     """Steps 1-6 for one micro-batch: the scalar loss whose gradient this micro-batch contributes."""
-    tok = _forward_tokens(model, mb, weighter, config.pad_token_id)
+    tok = _forward_tokens(model, mb, weighter, config.pad_token_id, config.logits_chunk_tokens)
     weights, aux_loss = _token_weights(weighter, tok, adv)
     old = _old_log_probs(tok, config, iteration, cache, key)
     token_adv = adv[:, None] * weights  # step 4: the policy loss sees weighted per-token advantages
@@ -712,8 +753,9 @@ def _teacher_forcing_loss(model: torch.nn.Module, teachers: Sequence[Episode], c
     """teacher_forcing_coef x mean NLL of reference completions; backpropagated here, value returned."""
     total = 0.0
     for idx in _micro_batches(len(teachers), config.micro_batch_size):
-        fwd = forward_completions(model, [teachers[i] for i in idx], config.pad_token_id)
-        logp, _, _ = token_statistics(fwd.logits, fwd.targets)
+        fwd = forward_completions(model, [teachers[i] for i in idx], config.pad_token_id,
+                                  chunk_tokens=config.logits_chunk_tokens)
+        logp = fwd.log_probs
         loss = config.teacher_forcing_coef * aggregate_loss(-logp, fwd.mask, "token-mean",
                                                             total_tokens=totals.teacher_tokens)
         loss.backward()

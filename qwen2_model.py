@@ -171,7 +171,7 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when forward(compute_logits=False)
     hidden: torch.Tensor | None = None  # [B, T, hidden] after the final norm
     last_q: torch.Tensor | None = None  # [B, H, T, head_dim] last layer, post q_norm, post RoPE
     last_k: torch.Tensor | None = None  # [B, KV, T, head_dim] last layer, post k_norm, post RoPE
@@ -432,6 +432,7 @@ class Transformer(nn.Module):
         output_hidden: bool = False,
         output_last_qk: bool = False,
         logits_positions: torch.Tensor | None = None,
+        compute_logits: bool = True,
     ) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, V] (or ModelOutput when output_hidden / output_last_qk).
 
@@ -489,7 +490,8 @@ class Transformer(nn.Module):
         hidden = self.model.norm(x)
         if logits_positions is not None:
             hidden = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.lm_head(hidden)
+        # compute_logits=False: the caller applies lm_head itself, in chunks (grpo.chunked_token_statistics)
+        logits = self.lm_head(hidden) if compute_logits else None
         if not (output_hidden or output_last_qk):
             return logits
         return ModelOutput(

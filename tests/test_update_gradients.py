@@ -301,3 +301,35 @@ def test_detach_hidden_decides_whether_the_head_loss_reaches_the_model():
         return grads["model"]
     assert model_grad(detach=True) == 0.0
     assert model_grad(detach=False) > 0.0
+
+
+def test_chunked_token_statistics_equal_the_full_ones_gradients_included():
+    torch.manual_seed(4)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 11))
+    full = grpo.token_statistics(hidden @ weight.t(), targets)
+    chunked = grpo.chunked_token_statistics(hidden, weight, targets, chunk_tokens=6)  # chunks of 2 positions
+    for a, b in zip(full, chunked):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    (g_full_h, g_full_w) = torch.autograd.grad((full[0] * torch.arange(11.0)).sum(), (hidden, weight))
+    lp, ent, _ = grpo.chunked_token_statistics(hidden, weight, targets, chunk_tokens=6)
+    (g_h, g_w) = torch.autograd.grad((lp * torch.arange(11.0)).sum(), (hidden, weight), retain_graph=True)
+    torch.testing.assert_close(g_h, g_full_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_w, g_full_w, rtol=1e-5, atol=1e-6)
+    # the entropy keeps its gradient (the entropy bonus needs it)
+    logp = torch.log_softmax(hidden @ weight.t(), -1)
+    (g_ent,) = torch.autograd.grad(-(logp.exp() * logp).sum(), hidden)
+    (g_ent_chunked,) = torch.autograd.grad(ent.sum(), hidden)
+    torch.testing.assert_close(g_ent_chunked, g_ent, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_name", ["pg", "ppo", "gspo"])
+def test_update_with_many_logit_chunks_equals_the_formula(loss_name, monkeypatch):
+    """Chunks of 3 tokens (several per micro-batch): the parameter change is still minus the reference gradient."""
+    real = grpo.UpdateConfig.__init__
+
+    def small_chunks(self, *args, **kwargs):
+        real(self, *args, **{**kwargs, "logits_chunk_tokens": 3})
+    monkeypatch.setattr(grpo.UpdateConfig, "__init__", small_chunks)
+    check_update(loss_name, "seq-mean-token-sum", 2, weighter_name="entropy_weighted", entropy_coef=0.05)
