@@ -68,6 +68,7 @@ class TrainingSettings:
     num_answers_per_question: int = 8  # group size
     batch_size: Optional[int] = None  # optional check: must equal questions x answers
     micro_batch_size: int = 8
+    max_tokens_per_micro_batch: Optional[int] = None  # pack micro-batches by padded tokens too (long completions)
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
@@ -345,6 +346,8 @@ def validate_config(c: Config) -> None:
         need(t.batch_size == t.num_questions_per_batch * t.num_answers_per_question,
              f"training.batch_size={t.batch_size} != num_questions_per_batch x num_answers_per_question = "
              f"{t.num_questions_per_batch * t.num_answers_per_question}")
+    need(t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
+         "training.max_tokens_per_micro_batch must be >= 1 when set")
     need(t.temperature >= 0, f"training.temperature must be >= 0 (got {t.temperature})")
     need(0 < t.top_p <= 1, f"training.top_p must be in (0, 1] (got {t.top_p})")
     need(t.learning_rate > 0, f"training.learning_rate must be > 0 (got {t.learning_rate})")

@@ -501,6 +501,7 @@ def chunked_token_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets
 @dataclass
 class UpdateConfig:
     micro_batch_size: int = 8
+    max_tokens_per_micro_batch: int | None = None  # also cap each micro-batch's padded tokens
     loss_agg_mode: str = "token-mean"
     max_len: int | None = None  # the generation budget, for seq-mean-token-sum-norm
     max_grad_norm: float = 1.0
@@ -597,8 +598,23 @@ def forward_completions(
     return CompletionForward(logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k, *stats)
 
 
-def _micro_batches(n: int, size: int) -> list[range]:
-    return [range(s, min(n, s + size)) for s in range(0, n, size)]
+def micro_batches(episodes: Sequence[Episode], max_size: int, max_tokens: int | None = None) -> list[range]:
+    """Consecutive micro-batches of at most `max_size` episodes and, with `max_tokens`, at most that many
+    padded tokens (rows x the longest prompt + completion in the micro-batch); an episode longer than the
+    budget goes alone. Order is kept, and the update's full-batch normalizers make the gradient the same
+    whatever the packing."""
+    out: list[range] = []
+    start, width = 0, 0
+    for i, e in enumerate(episodes):
+        n = len(e.prompt_token_ids) + len(e.generated_token_ids)
+        rows = i - start
+        if rows and (rows >= max_size or (max_tokens is not None and (rows + 1) * max(width, n) > max_tokens)):
+            out.append(range(start, i))
+            start, width = i, 0
+        width = max(width, n)
+    if start < len(episodes):
+        out.append(range(start, len(episodes)))
+    return out
 
 
 @dataclass
@@ -752,7 +768,7 @@ def _teacher_forcing_loss(model: torch.nn.Module, teachers: Sequence[Episode], c
                           totals: _BatchTotals, iteration: int, sums: _Sums) -> float:
     """teacher_forcing_coef x mean NLL of reference completions; backpropagated here, value returned."""
     total = 0.0
-    for idx in _micro_batches(len(teachers), config.micro_batch_size):
+    for idx in micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch):
         fwd = forward_completions(model, [teachers[i] for i in idx], config.pad_token_id,
                                   chunk_tokens=config.logits_chunk_tokens)
         logp = fwd.log_probs
@@ -822,7 +838,7 @@ def update_policy(
     if weighter is not None:
         weighter.begin_batch([e.entropies for e in episodes])
     stats, sums, old_cache = UpdateStats(metrics={}), _Sums(), {}
-    batches = _micro_batches(len(episodes), config.micro_batch_size)
+    batches = micro_batches(episodes, config.micro_batch_size, config.max_tokens_per_micro_batch)
     model.train()
     for iteration in range(config.num_iterations):
         optimizer.zero_grad(set_to_none=True)

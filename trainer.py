@@ -272,7 +272,8 @@ def _seed_everything(t: Any) -> None:
 def update_config(config: Config, tokenizer: Tokenizer) -> grpo.UpdateConfig:
     t, a = config.training, config.algorithm
     return grpo.UpdateConfig(
-        micro_batch_size=t.micro_batch_size, loss_agg_mode=a.loss_agg_mode, max_len=t.max_new_tokens,
+        micro_batch_size=t.micro_batch_size, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+        loss_agg_mode=a.loss_agg_mode, max_len=t.max_new_tokens,
         max_grad_norm=t.max_grad_norm, policy_loss=a.policy_loss, old_log_probs=a.old_log_probs,
         num_iterations=a.num_iterations, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,
         clip_ratio_c=a.clip_ratio_c, beta=a.beta, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,

@@ -192,7 +192,7 @@ def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="no
 
 
 def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout", weighter_name="none",
-                 head: dict | None = None, **terms):
+                 head: dict | None = None, max_tokens=None, **terms):
     params = {"think_discount": 0.3, "epsilon": 0.1, "credit_scale": 2.0, "entropy_temp": 0.7,
               "mask_percentile": 60.0, "attribution_entropy_coef": 0.0, "attribution_lr": None, **(head or {})}
     model, ref_model = make_model(0), make_model(1)
@@ -212,7 +212,7 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
     assert sum(float(g.abs().sum()) for g in expected) > 0
 
     before = [p.detach().clone() for p in all_params]
-    cfg = grpo.UpdateConfig(micro_batch_size=micro, loss_agg_mode=mode, max_len=MAX_LEN, max_grad_norm=1e9,
+    cfg = grpo.UpdateConfig(micro_batch_size=micro, max_tokens_per_micro_batch=max_tokens, loss_agg_mode=mode, max_len=MAX_LEN, max_grad_norm=1e9,
                             policy_loss=loss_name, old_log_probs=old_mode, clip_ratio_c=CLIP_C,
                             beta=terms.get("beta", 0.0), kl_estimator=terms.get("kl", "k3"),
                             entropy_coef=terms.get("entropy_coef", 0.0),
@@ -333,3 +333,18 @@ def test_update_with_many_logit_chunks_equals_the_formula(loss_name, monkeypatch
         real(self, *args, **{**kwargs, "logits_chunk_tokens": 3})
     monkeypatch.setattr(grpo.UpdateConfig, "__init__", small_chunks)
     check_update(loss_name, "seq-mean-token-sum", 2, weighter_name="entropy_weighted", entropy_coef=0.05)
+
+
+def test_micro_batches_packed_by_a_token_budget():
+    model = make_model(0)
+    episodes = make_episodes(model)  # prompt + completion lengths 9, 5, 9, 8
+    assert [list(r) for r in grpo.micro_batches(episodes, 8)] == [[0, 1, 2, 3]]
+    assert [list(r) for r in grpo.micro_batches(episodes, 8, max_tokens=18)] == [[0, 1], [2, 3]]
+    assert [list(r) for r in grpo.micro_batches(episodes, 8, max_tokens=4)] == [[0], [1], [2], [3]]  # alone if too long
+    assert [list(r) for r in grpo.micro_batches(episodes, 3, max_tokens=100)] == [[0, 1, 2], [3]]
+
+
+@pytest.mark.parametrize("max_tokens", [10, 18])
+@pytest.mark.parametrize("loss_name", ["pg", "dual_clip"])
+def test_token_budget_packing_gives_the_formula_gradient(loss_name, max_tokens):
+    check_update(loss_name, "seq-mean-token-mean", 8, weighter_name="inverse_logprob", max_tokens=max_tokens)
