@@ -1,0 +1,113 @@
+"""One GRPO update's peak memory and time: log-probs over the whole [B, T, vocab] logits at once vs in chunks
+recomputed in the backward (`UpdateConfig.logits_chunk_tokens`), on the same weights and episodes.
+
+    python bench/bench_train.py [--vocab 151936 --hidden 256 --layers 2 --rows 16 --new_tokens 256]
+
+Each variant runs in its own process (peak memory is a per-process high-water mark): on CPU the resident-set
+peak (VmHWM) minus the resident set after the model, episodes and optimizer state are built; on CUDA
+torch.cuda.max_memory_allocated minus the allocation before the update. The parameter change of both variants
+is compared (max abs difference). The body is small and the vocabulary Qwen's, so the logits dominate, as they
+do per micro-batch at any model size. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def child(args: argparse.Namespace) -> None:
+    import grpo
+    from data_types import Episode
+    from qwen2_model import ModelConfig, Transformer
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=1,
+                      head_dim=64, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, torch_dtype="float32")
+    model = Transformer.from_config(cfg, device=device, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    episodes = [Episode(prompt="", prompt_token_ids=torch.randint(0, args.vocab, (32,), generator=g).tolist(),
+                        generated_token_ids=torch.randint(0, args.vocab, (args.new_tokens,), generator=g).tolist(),
+                        text="", reward=0.0, reward_info={}, finished=True, group_idx=0) for _ in range(args.rows)]
+    advantages = torch.randn(args.rows, generator=g)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    cfg_update = grpo.UpdateConfig(micro_batch_size=args.rows, max_grad_norm=1e9,
+                                   logits_chunk_tokens=args.chunk if args.chunk > 0 else None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    base_rss = rss_kib("VmRSS:")
+    t0 = time.perf_counter()
+    grpo.update_policy(model, opt, episodes, advantages, cfg_update)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else (rss_kib("VmHWM:") - base_rss) * 1024
+    delta = torch.cat([(p.detach() - b).flatten().cpu() for p, b in zip(model.parameters(), before)])
+    torch.save(delta, args.out)
+    print(json.dumps({"peak_bytes_above_model": peak, "seconds": seconds}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=1024, help="the chunked variant's logits_chunk_tokens")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    results = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "rows", "new_tokens", "chunk", "device")}
+    with tempfile.TemporaryDirectory() as d:
+        runs = {}
+        for name, chunk in (("full_logits", 0), ("chunked", args.chunk)):
+            out = f"{d}/{name}.pt"
+            cmd = [sys.executable, __file__, "--child", "--out", out, "--chunk", str(chunk)] + [
+                f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "rows", "new_tokens", "device")]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            runs[name] = json.loads(line)
+            runs[name]["delta"] = torch.load(out)
+        diff = float((runs["full_logits"]["delta"] - runs["chunked"]["delta"]).abs().max())
+        scale = float(runs["full_logits"]["delta"].abs().max())
+    gib = 1024 ** 3
+    print(f"update of {args.rows} x {args.new_tokens} generated tokens, vocab {args.vocab}, {args.device}")
+    print("| variant | peak above model | time |")
+    print("|---|---|---|")
+    for name in ("full_logits", "chunked"):
+        r = runs[name]
+        print(f"| {name} | {r['peak_bytes_above_model'] / gib:.2f} GiB | {r['seconds']:.1f} s |")
+        results[name] = {"peak_gib_above_model": r["peak_bytes_above_model"] / gib, "seconds": r["seconds"]}
+    print(f"max |parameter change difference| = {diff:.2e} (largest change {scale:.2e})")
+    results["max_abs_param_change_diff"], results["max_abs_param_change"] = diff, scale
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
