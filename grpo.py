@@ -517,7 +517,7 @@ class UpdateConfig:
     teacher_forcing_coef: float = 0.0
     # log-probs over chunks of this many tokens, recomputed in the backward: the [b, T, vocab] logits never
     # exist whole. None: one pass over the full logits.
-    logits_chunk_tokens: int | None = 1024
+    logits_chunk_tokens: int | None = 512
     pad_token_id: int = 0
     progress: bool = False
 

@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
-    p.add_argument("--chunk", type=int, default=1024, help="the chunked variant's logits_chunk_tokens")
+    p.add_argument("--chunk", type=int, default=512, help="the chunked variant's logits_chunk_tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
