@@ -659,7 +659,8 @@ def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any
     log_probs, entropy, grad_norm = fwd.log_probs, fwd.entropy.detach(), fwd.logit_grad_norm
     width, device = fwd.mask.shape[1], fwd.mask.device
     rollout_lp = _pad([e.log_probs for e in mb], width, 0.0, torch.float32, device)
-    has_rollout = _pad([[1.0] * len(e.log_probs) for e in mb], width, 0.0, torch.float32, device).bool() & fwd.mask
+    n_rollout = torch.tensor([len(e.log_probs) for e in mb], device=device)
+    has_rollout = (torch.arange(width, device=device)[None, :] < n_rollout[:, None]) & fwd.mask
     answer_mask = torch.zeros_like(fwd.mask)
     for row, e in enumerate(mb):
         if e.answer_start is not None:

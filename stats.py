@@ -20,6 +20,7 @@ class Interval:
     mean: float
     half_width: float  # NaN with fewer than 2 values
     n: int
+    sd: float = math.nan  # sample standard deviation (n - 1)
 
     @property
     def low(self) -> float:
@@ -39,7 +40,7 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
     if n < 2:
         return Interval(mean, math.nan, 1)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return Interval(mean, float(_scipy.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n), n)
+    return Interval(mean, float(_scipy.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n), n, sd)
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,7 @@ def paired_test(treatment: Sequence[float], baseline: Sequence[float]) -> Paired
     interval = t_interval(diffs)
     if len(diffs) < 2:
         return PairedComparison(interval, math.nan)
-    mean = interval.mean
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    mean, sd = interval.mean, interval.sd
     if sd == 0:  # identical differences: certain if nonzero, no evidence if zero
         return PairedComparison(interval, 1.0 if mean == 0 else 0.0)
     t = mean / (sd / math.sqrt(len(diffs)))
