@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,21 +87,24 @@ def save_checkpoint(
     tokenizer_dir: str | Path | None = None,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep_last_n: int | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write step_{step:06d} atomically, then prune to the newest `keep_last_n`."""
+    """Write step_{step:06d} atomically, then prune to the newest `keep_last_n`. `model_state` /
+    `optimizer_state`: already gathered whole state dicts (FSDP2), instead of the model's and optimizer's own."""
     ckpt_dir = Path(ckpt_dir)
     target = ckpt_dir / f"step_{step:06d}"
     # weights + Adam's two moments (fp32) + slack
     ensure_free_space(ckpt_dir, _model_bytes(model) + 2 * 4 * sum(p.numel() for p in model.parameters()), "a checkpoint")
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state=model_state)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         for name, tensors in (extra_tensors or {}).items():
             if tensors:
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
@@ -124,10 +128,16 @@ def read_checkpoint(path: str | Path) -> ResumeState:
 
 
 def load_training_state(
-    path: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator | None
+    path: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator | None,
+    load_optimizer: Callable[[torch.optim.Optimizer, dict[str, Any]], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Restore optimizer and RNG states in place; return the extra tensor files (e.g. the attribution head)."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    """Restore optimizer and RNG states in place; return the extra tensor files (e.g. the attribution head).
+    `load_optimizer(optimizer, state_dict)` replaces `optimizer.load_state_dict` (FSDP2 shards the moments)."""
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    if load_optimizer is None:
+        optimizer.load_state_dict(state)
+    else:
+        load_optimizer(optimizer, state)
     set_rng_state(torch.load(path / "rng_state.pt", weights_only=False), generator)
     return {p.name[: -len(".safetensors")]: load_file(str(p)) for p in path.glob("*.safetensors")
             if not p.name.startswith("model")}

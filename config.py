@@ -174,6 +174,13 @@ class CreditSettings:
 
 
 @dataclass
+class DistributedSettings:
+    # Used only under torchrun (world size > 1). ddp: every rank holds the whole model and optimizer;
+    # fsdp: FSDP2 shards weights, gradients and optimizer state over the ranks (gathered whole for rollouts).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass
 class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
     tiny: TinySettings = field(default_factory=TinySettings)
@@ -184,6 +191,7 @@ class Config:
     mitigation: MitigationSettings = field(default_factory=MitigationSettings)
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     credit: CreditSettings = field(default_factory=CreditSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -359,6 +367,8 @@ def validate_config(c: Config) -> None:
     need(all(n >= 2 for n in c.eval.transfer_num_numbers) and c.eval.transfer_problems >= 1,
          "eval.transfer_num_numbers must be counts >= 2 and eval.transfer_problems >= 1")
     need(c.credit.credit_save_interval >= 1, "credit.credit_save_interval must be >= 1")
+    need(not (c.distributed.strategy == "fsdp" and t.optimizer == "adamw_offload"),
+         "distributed.strategy=fsdp shards the optimizer state already: use training.optimizer=adamw")
 
     need(a.adv_estimator in ADVANTAGE_FNS,
          f"algorithm.adv_estimator {a.adv_estimator!r} is unknown; valid: {', '.join(sorted(ADVANTAGE_FNS))}")

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data_types import Episode, TokenBatch, UpdateStats
+from distributed import Dist, all_sum, gather, grad_scale, gradient_sync, split_work, sum_gradients, sum_values
 from rollout import RolloutEngine, RolloutOutput, row_keys, stream_key
 
 # ============================================================================ sampling (entry points; the engine is rollout.py)
@@ -585,11 +586,10 @@ def forward_completions(
     pred_pos = (prompt_lens[:, None] - 1 + offsets[None, :]).clamp(max=width - 1)
     targets = tokens.gather(1, (pred_pos + 1).clamp(max=width - 1)).masked_fill(~mask, 0)
     if chunk_tokens:
-        out = model(tokens, output_hidden=True, output_last_qk=need_last_qk, logits_positions=pred_pos,
-                    compute_logits=False)
-        stats = chunked_token_statistics(out.hidden, model.lm_head.weight, targets, chunk_tokens)
-        return CompletionForward(None, targets, mask, prompt_lens, out.hidden if need_hidden else None, out.last_q,
-                                 out.last_k, *stats)
+        out = model(tokens, output_hidden=need_hidden, output_last_qk=need_last_qk, logits_positions=pred_pos,
+                    compute_logits=False, head_fn=lambda h, w: chunked_token_statistics(h, w, targets, chunk_tokens))
+        return CompletionForward(None, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k,
+                                 *out.head_output)
     out = model(tokens, output_hidden=need_hidden, output_last_qk=need_last_qk, logits_positions=pred_pos)
     logits = out if isinstance(out, torch.Tensor) else out.logits
     stats = _chunk_statistics_from_logits(logits, targets)
@@ -766,20 +766,46 @@ def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: torch.
 
 
 def _teacher_forcing_loss(model: torch.nn.Module, teachers: Sequence[Episode], config: UpdateConfig,
-                          totals: _BatchTotals, iteration: int, sums: _Sums) -> float:
-    """teacher_forcing_coef x mean NLL of reference completions; backpropagated here, value returned."""
-    total = 0.0
-    for idx in micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch):
-        fwd = forward_completions(model, [teachers[i] for i in idx], config.pad_token_id,
-                                  chunk_tokens=config.logits_chunk_tokens)
-        logp = fwd.log_probs
-        loss = config.teacher_forcing_coef * aggregate_loss(-logp, fwd.mask, "token-mean",
-                                                            total_tokens=totals.teacher_tokens)
-        loss.backward()
-        total += float(loss.detach())
-        if iteration == 0:
-            sums.add("teacher_nll", float((-logp.detach() * fwd.mask).sum()))
-    return total
+                          totals: _BatchTotals, iteration: int, sums: _Sums) -> torch.Tensor:
+    """teacher_forcing_coef x mean NLL of one micro-batch of reference completions (full-batch normalizer)."""
+    fwd = forward_completions(model, teachers, config.pad_token_id, chunk_tokens=config.logits_chunk_tokens)
+    if iteration == 0:
+        sums.add("teacher_nll", float((-fwd.log_probs.detach() * fwd.mask).sum()))
+    return config.teacher_forcing_coef * aggregate_loss(-fwd.log_probs, fwd.mask, "token-mean",
+                                                        total_tokens=totals.teacher_tokens)
+
+
+def _empty_unit_loss(model: torch.nn.Module, episodes: Sequence[Episode], config: UpdateConfig) -> torch.Tensor:
+    """A zero loss through the whole model, for a rank with fewer micro-batches than the others: DDP and FSDP2
+    synchronize inside forward/backward, so every rank must make the same calls."""
+    fwd = forward_completions(model, episodes[:1], config.pad_token_id, chunk_tokens=config.logits_chunk_tokens)
+    return fwd.log_probs.sum() * 0.0
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One micro-batch of the update: policy episodes or teacher completions, by index."""
+
+    kind: str  # "policy" | "teacher"
+    index: range
+    key: int  # its position among the policy micro-batches (the old-log-prob cache key)
+
+
+def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], config: UpdateConfig, d: Dist
+                ) -> list[_Unit | None]:
+    """This rank's micro-batches (None = an empty one, to keep ranks in step). With several ranks the micro-batches are made small enough that each rank gets some;
+    the full-batch normalizers make the gradient the same whatever the packing."""
+    size = config.micro_batch_size
+    if d.enabled:
+        size = max(1, min(size, math.ceil(len(episodes) / d.world_size)))
+    units = [_Unit("policy", idx, k) for k, idx in
+             enumerate(micro_batches(episodes, size, config.max_tokens_per_micro_batch))]
+    if teachers and config.teacher_forcing_coef > 0:
+        units += [_Unit("teacher", idx, -1) for idx in
+                  micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch)]
+    part, count = split_work(len(units), d)
+    mine: list[_Unit | None] = [units[i] for i in part]
+    return mine + [None] * (count - len(mine))
 
 
 def _clip_and_step(optimizer: torch.optim.Optimizer, params: list, loss_total: float, max_grad_norm: float
@@ -823,6 +849,7 @@ def update_policy(
     ref_model: torch.nn.Module | None = None,
     extra_parameters: Sequence[torch.nn.Parameter] = (),
     teacher_episodes: Sequence[Episode] = (),
+    dist: Dist = Dist(),
 ) -> UpdateStats:
     """One GRPO update on `episodes` (advantages: one scalar per episode); `num_iterations` optimizer steps.
 
@@ -830,6 +857,10 @@ def update_policy(
     `loss_agg_mode` over the whole batch (micro-batches accumulate with the full batch's normalizers), where w
     is the token weighter's weight (1 without one). `teacher_episodes` add teacher_forcing_coef x mean NLL of
     reference completions. A non-finite loss or gradient skips the step and leaves the weights unchanged.
+
+    Under torchrun every rank passes the same whole batch and `model` wrapped by `distributed.wrap`: each rank
+    runs its share of the micro-batches, DDP / FSDP2 sum the gradients, and the per-token arrays and
+    metrics are gathered, so the result is the single-process one.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters)
@@ -839,25 +870,40 @@ def update_policy(
     if weighter is not None:
         weighter.begin_batch([e.entropies for e in episodes])
     stats, sums, old_cache = UpdateStats(metrics={}), _Sums(), {}
-    batches = micro_batches(episodes, config.micro_batch_size, config.max_tokens_per_micro_batch)
+    units = _work_units(episodes, teacher_episodes, config, dist)
     model.train()
     for iteration in range(config.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
-        for key, idx in enumerate(tqdm(batches, desc="update", leave=False, disable=None if config.progress else True)):
-            loss = _micro_batch_loss(model, [episodes[i] for i in idx], adv[list(idx)], config, iteration, key,
-                                     old_cache, totals, weighter, ref_model, stats, sums)
-            loss.backward()
+        bar = tqdm(units, desc="update", leave=False, disable=None if config.progress and dist.is_main else True)
+        for i, unit in enumerate(bar):
+            if unit is None:
+                loss = _empty_unit_loss(model, episodes, config)
+            elif unit.kind == "teacher":
+                loss = _teacher_forcing_loss(model, [teacher_episodes[j] for j in unit.index], config, totals,
+                                             iteration, sums)
+            else:
+                loss = _micro_batch_loss(model, [episodes[j] for j in unit.index], adv[list(unit.index)], config,
+                                         iteration, unit.key, old_cache, totals, weighter, ref_model, stats, sums)
+            with gradient_sync(model, dist, sync=i == len(units) - 1):
+                (loss * grad_scale(dist)).backward()
             loss_total += float(loss.detach())
-        if teacher_episodes and config.teacher_forcing_coef > 0:
-            loss_total += _teacher_forcing_loss(model, teacher_episodes, config, totals, iteration, sums)
+        sum_gradients(list(extra_parameters), dist)
+        loss_total = all_sum(loss_total, dist)
         ok, grad_norm = _clip_and_step(optimizer, params, loss_total, config.max_grad_norm)
         if iteration == 0 or not ok:
             stats.metrics.update({"loss": loss_total, "grad_norm": grad_norm})
         if not ok:
             stats.skipped = True
             break
-    _summarize(stats, sums.values, totals, config)
+    _gather_token_arrays(stats, dist)
+    _summarize(stats, sum_values(sums.values, dist), totals, config)
     if weighter is not None:
         stats.metrics.update(weighter.pop_metrics())
     return stats
+
+
+def _gather_token_arrays(stats: UpdateStats, d: Dist) -> None:
+    """Every rank's per-token arrays, in episode order (ranks hold contiguous micro-batches, in rank order)."""
+    for name in ("token_log_probs", "token_entropies", "token_weights", "token_logit_grad_norms"):
+        setattr(stats, name, gather(getattr(stats, name), d))

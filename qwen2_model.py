@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -175,6 +176,7 @@ class ModelOutput:
     hidden: torch.Tensor | None = None  # [B, T, hidden] after the final norm
     last_q: torch.Tensor | None = None  # [B, H, T, head_dim] last layer, post q_norm, post RoPE
     last_k: torch.Tensor | None = None  # [B, KV, T, head_dim] last layer, post k_norm, post RoPE
+    head_output: Any = None  # what forward(head_fn=...) returned
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,6 +435,7 @@ class Transformer(nn.Module):
         output_last_qk: bool = False,
         logits_positions: torch.Tensor | None = None,
         compute_logits: bool = True,
+        head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, V] (or ModelOutput when output_hidden / output_last_qk).
 
@@ -444,6 +447,10 @@ class Transformer(nn.Module):
         and column j gets RoPE position j - pad_lens[b], so real tokens see exactly the unpadded
         sequence. input_pos [T]: KV-cache slots of the T new tokens (needs setup_caches); queries attend
         to slots in [pad_lens[b], own slot], and only slots up to input_pos.max() are read.
+
+        head_fn(hidden, lm_head.weight), with compute_logits=False: applied inside forward in place of the
+        full lm_head (e.g. log-probs over chunks, grpo.chunked_token_statistics); its result is
+        ModelOutput.head_output. Inside forward, so FSDP2 / DDP see every use of the weights.
         """
         batch, seq = tokens.shape
         device = tokens.device
@@ -492,13 +499,15 @@ class Transformer(nn.Module):
             hidden = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))
         # compute_logits=False: the caller applies lm_head itself, in chunks (grpo.chunked_token_statistics)
         logits = self.lm_head(hidden) if compute_logits else None
-        if not (output_hidden or output_last_qk):
+        head_output = head_fn(hidden, self.lm_head.weight) if head_fn is not None else None
+        if not (output_hidden or output_last_qk or head_fn is not None):
             return logits
         return ModelOutput(
             logits=logits,
             hidden=hidden if output_hidden else None,
             last_q=q if output_last_qk else None,
             last_k=k if output_last_qk else None,
+            head_output=head_output,
         )
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -564,15 +573,18 @@ class Transformer(nn.Module):
                             params[key].copy_(f.get_tensor(key))  # casts to the model dtype in place
         return model.eval()
 
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int = 4 * 1024**3) -> None:
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int = 4 * 1024**3,
+                        state: dict[str, torch.Tensor] | None = None) -> None:
         """Write config.json + model.safetensors (sharded with an index above max_shard_size bytes).
+        `state`: the tensors to write instead of this model's own (e.g. gathered from FSDP2 shards).
 
         Every file goes to a temporary name first and is renamed with os.replace, so an interrupted
         save never leaves a truncated file under a final name.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.checkpoint_state_dict().items()}
+        source = self.checkpoint_state_dict() if state is None else state
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for key, t in tensors.items():

@@ -1,6 +1,7 @@
 """Train a policy with GRPO on Countdown.
 
     python train.py --config config.yaml [section.key=value ...] [--resume [CHECKPOINT]]
+    torchrun --nproc_per_node N train.py --config config.yaml [distributed.strategy=ddp|fsdp] ...
 
 Every config key can be overridden with a dotted path, e.g. `training.max_steps=20
 algorithm.adv_estimator=softmax algorithm.tau=0.5`; unknown keys are an error.
@@ -42,7 +43,8 @@ def run(config_path: str, overrides: list[str], resume: str | bool | None) -> in
             DiskFullError, NonFiniteError) as e:  # the user's input or machine, not a bug: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"done: step {result.step}, checkpoint {result.checkpoint}")
+    if result.rank == 0:
+        print(f"done: step {result.step}, checkpoint {result.checkpoint}")
     return 0
 
 

@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+import distributed
 import grpo
 from checkpoint import latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint
 from config import Config, weighter_values
 from credit_logger import CreditLogger, step_files
 from data_types import Episode
+from distributed import Dist
 from fileio import atomic_write_text
 from grpo_mitigations import TokenWeighter, build_weighter
 from optimizer import build_optimizer
@@ -113,12 +115,23 @@ def reference_episode(task: Task, problem: Any, prompt: str, tokenizer: Tokenize
                    group_idx=group_idx, problem=problem, answer_start=grpo.section_start(tokenizer, ids[:-1], text))
 
 
-# ============================================================================ evaluation
+# ============================================================================ rollouts and evaluation
+
+
+def sharded_rollout(model: Transformer, dist: Dist, problems: Sequence[Any], prompts: Sequence[str],
+                    question_ids: Sequence[int], **kwargs: Any) -> list[Episode]:
+    """`grpo.rollout` of this rank's contiguous shard of the questions, gathered in rank order: every rank
+    gets exactly what one process would have sampled (the noise is keyed by question id, not batch position)."""
+    part = distributed.shard(len(problems), dist)
+    with distributed.full_weights(model, dist):
+        mine = grpo.rollout(model, problems=[problems[i] for i in part], prompts=[prompts[i] for i in part],
+                            question_ids=[question_ids[i] for i in part], **kwargs)
+    return distributed.gather(mine, dist)
 
 
 @torch.no_grad()
 def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, problems: Sequence[Any], config: Config,
-             name: str = "eval", engine: RolloutEngine | None = None) -> dict[str, float]:
+             name: str = "eval", engine: RolloutEngine | None = None, dist: Dist = Dist()) -> dict[str, float]:
     """Success rate on a fixed problem set, one sample per problem, with the same sampling noise every time.
     Keys are `success_rate/{name}`, `format_reward/{name}`, ... and `success_rate/{name}_{group}` per the
     task's eval groups (e.g. 3- and 4-number Countdown problems)."""
@@ -126,9 +139,10 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, problems: Seq
     temperature = t.temperature if e.temperature is None else e.temperature
     model.eval()  # the same noise at every evaluation: keyed by (eval seed, set name, problem index)
     stream = stream_key(e.seed, *name.encode())
-    episodes = grpo.rollout(model, tokenizer, problems, [task.prompt(p) for p in problems], task.reward, 1,
-                            t.max_new_tokens, temperature, t.top_p, batch_size=e.batch_size, stream=stream,
-                            engine=engine)
+    episodes = sharded_rollout(model, dist, problems, [task.prompt(p) for p in problems], range(len(problems)),
+                               tokenizer=tokenizer, reward_fn=task.reward, num_answers_per_question=1,
+                               max_new_tokens=t.max_new_tokens, temperature=temperature, top_p=t.top_p,
+                               batch_size=e.batch_size, stream=stream, engine=engine)
     solved = np.array([ep.reward_info["answer_reward"] == 1.0 for ep in episodes], dtype=float)
     out = {
         f"success_rate/{name}": float(solved.mean()),
@@ -178,6 +192,22 @@ class MetricsLog:
         self.writer.close()
 
 
+class NullLog(MetricsLog):
+    """What ranks other than 0 log to: nothing (rank 0 writes TensorBoard and metrics.jsonl)."""
+
+    def __init__(self) -> None:  # noqa: D107 - no files
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[dict[str, bool]]:
     """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and exits. A second SIGINT aborts."""
@@ -211,6 +241,7 @@ class TrainResult:
     metrics: dict[str, float]
     checkpoint: Path | None
     stopped_by_signal: bool = False
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 reports)
 
 
 @dataclass
@@ -236,6 +267,8 @@ class Run:
     start_step: int
     tokenizer_dir: Path
     engine: RolloutEngine | None = None  # the rollout engine, its KV cache reused across rollouts
+    dist: Dist = field(default_factory=Dist)  # this process's rank under torchrun (world size 1 otherwise)
+    train_model: torch.nn.Module | None = None  # what the update calls: the model, or DDP around it
     reference_cache: dict = field(default_factory=dict)
     nonfinite_in_a_row: int = 0
     last_ckpt: Path | None = None
@@ -284,11 +317,15 @@ def setup(config: Config, resume: str | bool | None) -> Run:
     """Data, model, weighter, optimizer, logging; restored from a checkpoint when resuming."""
     t, m = config.training, config.mitigation
     _seed_everything(t)
-    resume_path = resolve_resume(config, resume)
     device = resolve_device(config.model.device)
+    dist = distributed.init(device, config.distributed.strategy)
+    device = distributed.local_device(device, dist)
+    resume_path = resolve_resume(config, resume)
     task = build_task(config)
-    train_set, test_set = task.load()
-    model, tokenizer = load_policy(config, device, task, train_set, resume_path)
+    with distributed.main_first(dist):  # rank 0 generates data / builds the tiny model, the others load them
+        train_set, test_set = task.load()
+        model, tokenizer = load_policy(config, device, task, train_set, resume_path)
+    train_model = distributed.wrap(model, dist)  # FSDP2 shards in place: build the optimizer after
     ref_model = None
     if config.algorithm.beta > 0:  # the frozen initial policy
         ref_model = Transformer.from_pretrained(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
@@ -299,32 +336,54 @@ def setup(config: Config, resume: str | bool | None) -> Run:
         param_groups.append({"params": weighter.parameters(), "lr": m.attribution_lr or t.learning_rate})
     optimizer = build_optimizer(param_groups, t.optimizer, lr=t.learning_rate, betas=tuple(t.betas),
                                 eps=t.adam_eps, weight_decay=t.weight_decay)
-    credit = CreditLogger(config.credit.dir, config.credit.credit_save_interval, m.name) if config.credit.enabled else None
+    credit = (CreditLogger(config.credit.dir, config.credit.credit_save_interval, m.name)
+              if config.credit.enabled and dist.is_main else None)  # rank 0 logs the gathered tokens
     run = Run(config, task, device, train_set, {"eval": test_set[: config.eval.num_problems], **task.extra_eval_sets()},
               model, tokenizer, ref_model, weighter, optimizer, [g["lr"] for g in optimizer.param_groups],
               torch.Generator(device=device).manual_seed(t.seed), QuestionSampler(len(train_set), t.seed), credit,
               None, update_config(config, tokenizer), 0, resume_path or Path(config.model.path))  # type: ignore[arg-type]
-    run.engine = RolloutEngine(model)
+    run.engine, run.dist, run.train_model = RolloutEngine(model), dist, train_model
     if resume_path is not None:
         _restore(run, resume_path)
-    run.metrics_log = MetricsLog(Path(t.log_dir), run.start_step if resume_path is not None else None)
-    (Path(t.log_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if dist.is_main:
+        run.metrics_log = MetricsLog(Path(t.log_dir), run.start_step if resume_path is not None else None)
+        (Path(t.log_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    else:
+        run.metrics_log = NullLog()
     return run
 
 
 def _restore(run: Run, path: Path) -> None:
     state = read_checkpoint(path)
-    extras = load_training_state(path, run.optimizer, run.generator)
+    fsdp = run.dist.enabled and run.dist.strategy == "fsdp"
+    extras = load_training_state(path, run.optimizer, run.generator,
+                                 distributed.load_full_optimizer_state if fsdp else None)
     if "attribution_head" in extras:
         run.weighter.load_state_dict(extras["attribution_head"])
     run.sampler.load_state_dict(state.trainer_state["sampler"])
     if run.credit is not None and "credit" in state.trainer_state:
         run.credit.load_state_dict(state.trainer_state["credit"], state.step)
     run.start_step = state.step
-    print(f"[resume] continuing from {path} at step {run.start_step}")
+    if run.dist.is_main:
+        print(f"[resume] continuing from {path} at step {run.start_step}")
 
 
 def save(run: Run, step: int) -> Path:
+    """Rank 0 writes the checkpoint; under FSDP2 every rank first helps gather the full weights and optimizer
+    state, so the checkpoint is the single-process layout and resumes on any number of ranks."""
+    t, a = run.config.training, run.config.algorithm
+    model_state = optimizer_state = None
+    if run.dist.enabled and run.dist.strategy == "fsdp":
+        model_state = {k: distributed.full_tensor(v) for k, v in run.model.checkpoint_state_dict().items()}
+        optimizer_state = distributed.full_optimizer_state(run.optimizer)
+    run.last_ckpt = Path(t.ckpt_dir) / f"step_{step:06d}"
+    if run.dist.is_main:
+        _write_checkpoint(run, step, model_state, optimizer_state)
+    distributed.barrier(run.dist)
+    return run.last_ckpt
+
+
+def _write_checkpoint(run: Run, step: int, model_state: dict | None, optimizer_state: dict | None) -> None:
     t, a = run.config.training, run.config.algorithm
     if run.credit is not None:
         run.credit.flush(step)
@@ -335,14 +394,14 @@ def save(run: Run, step: int) -> Path:
     run.last_ckpt = save_checkpoint(t.ckpt_dir, step, run.model, run.optimizer, trainer_state, run.generator,
                                     tokenizer_dir=run.tokenizer_dir,
                                     extra_tensors={"attribution_head": run.weighter.state_dict()},
-                                    keep_last_n=t.keep_last_n)
-    return run.last_ckpt
+                                    keep_last_n=t.keep_last_n, model_state=model_state,
+                                    optimizer_state=optimizer_state)
 
 
 def evaluate_all(run: Run) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, problems in run.eval_sets.items():
-        out.update(evaluate(run.model, run.tokenizer, run.task, problems, run.config, name, run.engine))
+        out.update(evaluate(run.model, run.tokenizer, run.task, problems, run.config, name, run.engine, run.dist))
     return out
 
 
@@ -382,9 +441,10 @@ def collect_groups(run: Run, step: int) -> tuple[list[Episode], dict[str, float]
         idx = run.sampler.next(want)
         problems = [run.train_set[i] for i in idx]
         # noise keyed by (seed, step, round, question, sample): independent of batching and sharding
-        new = grpo.rollout(run.model, run.tokenizer, problems, [run.task.prompt(p) for p in problems],
-                           run.task.reward, g, t.max_new_tokens, t.temperature, t.top_p,
-                           stream=stream_key(t.seed, step, rounds), question_ids=idx, engine=run.engine)
+        new = sharded_rollout(run.model, run.dist, problems, [run.task.prompt(p) for p in problems], idx,
+                              tokenizer=run.tokenizer, reward_fn=run.task.reward, num_answers_per_question=g,
+                              max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
+                              stream=stream_key(t.seed, step, rounds), engine=run.engine)
         shape_rewards(new, run.config)
         flat = zero_variance(group_rewards(new, g))
         drawn, zero_var = drawn + len(problems), zero_var + int(flat.sum())
@@ -400,7 +460,7 @@ def collect_groups(run: Run, step: int) -> tuple[list[Episode], dict[str, float]
     metrics = {"groups/zero_variance_frac": zero_var / drawn}
     if a.dynamic_sampling:
         metrics.update({"sampling/rounds": float(rounds), "sampling/informative_groups": len(episodes) / g})
-        if len(episodes) < want * g:
+        if len(episodes) < want * g and run.dist.is_main:
             print(f"[dynamic sampling] only {len(episodes) // g}/{want} informative groups after {rounds} rounds "
                   f"(algorithm.max_sampling_rounds); training on those")
     return episodes, metrics
@@ -461,8 +521,8 @@ def apply_update(run: Run, step: int, episodes: list[Episode], kept: list[Episod
         heads = [episodes[q * g] for q in range(len(episodes) // g)]
         teachers = [r for q, e in enumerate(heads)
                     if (r := reference_episode(run.task, e.problem, e.prompt, run.tokenizer, q, run.reference_cache))]
-    stats = grpo.update_policy(run.model, run.optimizer, kept, flat_adv, run.update_cfg, run.weighter,
-                               run.ref_model, run.weighter.parameters(), teachers)
+    stats = grpo.update_policy(run.train_model or run.model, run.optimizer, kept, flat_adv, run.update_cfg,
+                               run.weighter, run.ref_model, run.weighter.parameters(), teachers, run.dist)
     metrics.update(stats.metrics)
     if not stats.skipped:
         run.nonfinite_in_a_row = 0
@@ -470,9 +530,10 @@ def apply_update(run: Run, step: int, episodes: list[Episode], kept: list[Episod
             run.credit.log_step(step, kept, flat_adv.tolist(), stats)
         return metrics
     run.nonfinite_in_a_row += 1
-    print(f"[warn] step {step}: non-finite loss/gradient (loss={stats.metrics.get('loss')}, "
-          f"grad_norm={stats.metrics.get('grad_norm')}); update skipped "
-          f"({run.nonfinite_in_a_row}/{t.max_nonfinite_steps} in a row)")
+    if run.dist.is_main:
+        print(f"[warn] step {step}: non-finite loss/gradient (loss={stats.metrics.get('loss')}, "
+              f"grad_norm={stats.metrics.get('grad_norm')}); update skipped "
+              f"({run.nonfinite_in_a_row}/{t.max_nonfinite_steps} in a row)")
     metrics["nonfinite_skipped"] = 1.0
     if run.nonfinite_in_a_row >= t.max_nonfinite_steps:
         run.metrics_log.log(step, metrics)
@@ -534,7 +595,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     run.metrics_log.log(step, metrics)
     for k, e in enumerate(episodes[: t.log_samples]):
         run.metrics_log.text(f"sample/{k}", f"reward {e.reward:.2f}\n\n{e.prompt}{e.text}", step)
-    print(progress_line(step, t.max_steps, metrics, time.perf_counter() - t0), flush=True)
+    if run.dist.is_main:
+        print(progress_line(step, t.max_steps, metrics, time.perf_counter() - t0), flush=True)
     return metrics
 
 
@@ -546,19 +608,23 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
     if run.start_step == 0:
         metrics = evaluate_all(run)
         run.metrics_log.log(0, metrics)
-        print(f"[eval] step 0: success {metrics['success_rate/eval']:.3f}"
-              + (f", transfer {metrics['success_rate/transfer']:.3f}" if "success_rate/transfer" in metrics else ""))
+        if run.dist.is_main:
+            print(f"[eval] step 0: success {metrics['success_rate/eval']:.3f}" + (
+                f", transfer {metrics['success_rate/transfer']:.3f}" if "success_rate/transfer" in metrics else ""))
     step = run.start_step
     with stop_on_signals() as stop:
         while step < t.max_steps and not stop["stop"]:
             step += 1
             metrics = train_step(run, step)
+            stop["stop"] = distributed.all_sum(float(stop["stop"]), run.dist) > 0  # every rank stops at one step
             if step % t.ckpt_save_interval == 0 or step == t.max_steps or stop["stop"]:
                 save(run, step)
     if run.credit is not None and not stop["stop"]:
         run.credit.finalize()
     run.metrics_log.close()
-    if stop["stop"]:
+    distributed.shutdown(run.dist)
+    if stop["stop"] and run.dist.is_main:
         print(f"[signal] stopped after step {step}; checkpoint {run.last_ckpt}. "
               f"Resume with: python train.py --config <your config> --resume")
-    return TrainResult(step=step, metrics=metrics, checkpoint=run.last_ckpt, stopped_by_signal=stop["stop"])
+    return TrainResult(step=step, metrics=metrics, checkpoint=run.last_ckpt, stopped_by_signal=stop["stop"],
+                       rank=run.dist.rank)

@@ -234,8 +234,9 @@ def test_bad_inputs_are_one_line_errors_not_tracebacks(tiny_assets, tmp_path, ca
 
 def _fake_rollout(informative: set[int]):
     """A rollout stand-in: question q's group has rewards [1, 0, 0, ...] if q is informative, else all 0."""
-    def rollout(model, tokenizer, problems, prompts, reward_fn, g, *args, **kwargs):
+    def rollout(model, tokenizer, problems, prompts, reward_fn, num_answers_per_question, *args, **kwargs):
         from data_types import Episode
+        g = num_answers_per_question
         return [Episode(prompt=str(p), prompt_token_ids=[1], generated_token_ids=[2], text="",
                         reward=float(p in informative and j == 0), reward_info={"answer_reward": 0.0, "format_reward": 0.0},
                         finished=True, group_idx=q, problem=p) for q, p in enumerate(problems) for j in range(g)]
@@ -254,7 +255,7 @@ class _Problems:
 
 def _fake_run(cfg, train_set):
     return SimpleNamespace(config=cfg, task=_Problems(), train_set=train_set, model=None, tokenizer=None,
-                           engine=None, sampler=trainer.QuestionSampler(len(train_set), 0))
+                           engine=None, sampler=trainer.QuestionSampler(len(train_set), 0), dist=trainer.Dist())
 
 
 @pytest.mark.parametrize("rounds_allowed, expect_groups", [(10, 4), (2, 2)])

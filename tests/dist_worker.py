@@ -1,0 +1,76 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): one GRPO update per case on one fixed batch,
+with the policy wrapped by DDP or FSDP2; rank 0 saves the updated weights. The test runs the same cases in
+a single process (`run_case(case, Dist())`) and compares.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT.pt
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import distributed  # noqa: E402
+import grpo  # noqa: E402
+from data_types import Episode  # noqa: E402
+from distributed import Dist  # noqa: E402
+from qwen2_model import ModelConfig, Transformer  # noqa: E402
+
+# (strategy, policy loss, aggregation, iterations, micro-batch size): 9 episodes in micro-batches of 2 are
+# 5 micro-batches, 3 on rank 0 and 2 on rank 1, which runs an empty one to stay in step
+CASES = [(s, loss, agg, it, mb) for s in ("ddp", "fsdp") for loss, agg, it, mb in (
+    ("pg", "token-mean", 1, 2), ("pg", "seq-mean-token-mean", 1, 2), ("ppo", "token-mean", 2, 3))]
+
+
+def make_model() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=31, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype="float32")
+    return Transformer.from_config(cfg, dtype=torch.float32)
+
+
+def make_batch() -> tuple[list[Episode], torch.Tensor]:
+    """Nine episodes of different prompt and completion lengths, rollout log-probs off the policy's."""
+    gen = torch.Generator().manual_seed(5)
+    episodes = []
+    for k in range(9):
+        prompt = torch.randint(1, 31, (2 + k % 4,), generator=gen).tolist()
+        completion = torch.randint(1, 31, (3 + (5 * k) % 7,), generator=gen).tolist()
+        episodes.append(Episode(prompt="", prompt_token_ids=prompt, generated_token_ids=completion, text="",
+                                reward=0.0, reward_info={}, finished=True, group_idx=k // 3,
+                                log_probs=(-2.0 - torch.rand(len(completion), generator=gen)).tolist(),
+                                entropies=torch.rand(len(completion), generator=gen).tolist()))
+    return episodes, torch.randn(9, generator=gen)
+
+
+def run_case(case: tuple, d: Dist) -> dict[str, torch.Tensor]:
+    """The weights after one update (SGD, lr 1: the change is minus the gradient), gathered whole."""
+    strategy, loss, agg, iterations, mb = case
+    d = Dist(d.rank, d.world_size, d.local_rank, strategy)
+    model = make_model()
+    wrapped = distributed.wrap(model, d)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    episodes, advantages = make_batch()
+    cfg = grpo.UpdateConfig(micro_batch_size=mb, loss_agg_mode=agg, policy_loss=loss, num_iterations=iterations,
+                            old_log_probs="rollout", max_grad_norm=1e9, logits_chunk_tokens=8)
+    stats = grpo.update_policy(wrapped, optimizer, episodes, advantages, cfg, dist=d)
+    weights = {k: distributed.full_tensor(v).detach().clone() for k, v in model.state_dict().items()}
+    return {**weights, "_loss": torch.tensor(stats.metrics["loss"]),
+            "_token_log_probs": torch.tensor([x for row in stats.token_log_probs for x in row])}
+
+
+def main(out: str) -> None:
+    d = distributed.init(torch.device("cpu"))
+    results = {case: run_case(case, d) for case in CASES}
+    if d.is_main:
+        torch.save(results, out)
+    distributed.shutdown(d)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
