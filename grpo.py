@@ -899,7 +899,7 @@ def update_policy(
     _gather_token_arrays(stats, dist)
     _summarize(stats, sum_values(sums.values, dist), totals, config)
     if weighter is not None:
-        stats.metrics.update(weighter.pop_metrics())
+        stats.metrics.update(weighter.pop_metrics(lambda sums: sum_values(sums, dist)))
     return stats
 
 

@@ -225,12 +225,14 @@ class TokenWeighter:
     def _track(self, name: str, value: float, count: int = 1) -> None:
         self._sums[name] = self._sums.get(name, 0.0) + value * count
 
-    def pop_metrics(self) -> dict[str, float]:
-        """Metrics accumulated since the last call, averaged per sequence."""
-        n = max(self._count, 1)
-        out = {k: v / n for k, v in self._sums.items()}
+    def pop_metrics(self, reduce: Callable[[dict[str, float]], dict[str, float]] | None = None) -> dict[str, float]:
+        """Metrics accumulated since the last call, averaged per sequence. `reduce` sums the running sums
+        over processes (distributed.sum_values), so under torchrun they cover the whole batch."""
+        sums = {**self._sums, "_sequences": float(self._count)}
+        sums = reduce(sums) if reduce is not None else sums
+        n = max(sums.pop("_sequences"), 1.0)
         self._sums, self._count = {}, 0
-        return out
+        return {k: v / n for k, v in sums.items()}
 
 
 def _check(ok: bool, message: str) -> None:

@@ -27,9 +27,10 @@ class MemoryEfficientAdamW(torch.optim.Optimizer):
 
     State (`step`, `exp_avg`, `exp_avg_sq`) is fp32 on the state device: the CPU when
     `offload=True`, else the parameter's own device. The update runs in fp32 on the state device
-    from an fp32 copy of the parameter, then is written back in the parameter's dtype: bf16
-    parameters get fp32 moments, but their master value stays bf16 (updates below bf16 resolution
-    are rounded away, as in GRPO-Zero).
+    and is written back in the parameter's dtype. With `master_weights=True`, a bf16/fp16 parameter
+    also gets an fp32 master copy (`master`) that the update accumulates into: a bf16 weight near 1
+    has a resolution of 2^-8, so an AdamW step of lr 1e-6 applied to the bf16 value itself is rounded
+    away entirely, step after step; the master keeps every step and the bf16 weight follows it.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class MemoryEfficientAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         offload: bool = True,
+        master_weights: bool = False,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid lr: {lr}")
@@ -50,7 +52,7 @@ class MemoryEfficientAdamW(torch.optim.Optimizer):
         if weight_decay < 0.0:
             raise ValueError(f"invalid weight_decay: {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.offload = offload
+        self.offload, self.master_weights = offload, master_weights
         # Pinned host memory makes GPU<->CPU copies DMA-able; without CUDA it is unavailable.
         self.pin_memory = offload and torch.cuda.is_available()
 
@@ -71,6 +73,9 @@ class MemoryEfficientAdamW(torch.optim.Optimizer):
             "exp_avg_sq": self._empty_state(param).zero_(),
         }
 
+    def _needs_master(self, param: torch.Tensor) -> bool:
+        return self.master_weights and param.dtype != torch.float32
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
@@ -89,12 +94,15 @@ class MemoryEfficientAdamW(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     state.update(self._init_state(param))
+                if self._needs_master(param) and "master" not in state:  # also after loading an old state
+                    state["master"] = self._empty_state(param).copy_(param.detach())
                 exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 device = exp_avg.device
 
                 # Blocking copies: the next line reads them, so async would only add a sync.
                 grad = param.grad.detach().to(device=device, dtype=torch.float32)
-                p32 = param.detach().to(device=device, dtype=torch.float32, copy=True)
+                p32 = state["master"] if "master" in state else param.detach().to(device=device, dtype=torch.float32,
+                                                                                   copy=True)
 
                 step_t += 1
                 if weight_decay != 0:
@@ -137,12 +145,23 @@ class MemoryEfficientAdamW(torch.optim.Optimizer):
 
 
 def _adamw(params: ParamsT, **hparams: Any) -> torch.optim.Optimizer:
-    # foreach=False: the single-tensor path, whose numbers MemoryEfficientAdamW reproduces.
-    return torch.optim.AdamW(params, foreach=False, **hparams)
+    """torch's AdamW for fp32 weights (fused on CUDA; on CPU the single-tensor path, whose numbers
+    MemoryEfficientAdamW reproduces); for bf16/fp16 weights fp32 moments and fp32 master weights beside them."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in tensors):
+        return MemoryEfficientAdamW(groups, offload=False, master_weights=True, **hparams)
+    fused = bool(tensors) and all(p.is_cuda for p in tensors) and not any(_is_dtensor(p) for p in tensors)
+    return torch.optim.AdamW(groups, fused=True, **hparams) if fused else torch.optim.AdamW(groups, foreach=False,
+                                                                                             **hparams)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
 
 
 def _adamw_offload(params: ParamsT, **hparams: Any) -> torch.optim.Optimizer:
-    return MemoryEfficientAdamW(params, offload=True, **hparams)
+    return MemoryEfficientAdamW(params, offload=True, master_weights=True, **hparams)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {

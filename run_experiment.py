@@ -3,6 +3,7 @@ with confidence intervals.
 
     python run_experiment.py --task bandit --ablations baseline,softmax --seeds 3 --steps 30 --out runs/exp/bandit
     python run_experiment.py --task countdown --ablations drgrpo_all --seeds 3 --steps 100 --gpus 0,1,2,3 --out DIR
+    python run_experiment.py ... --gpus 0,1,2,3 --gpus-per-job 2 --out DIR   # each job: torchrun on 2 GPUs
 
 Ablations are named presets of config overrides (ablations.yaml), or preset groups from the same file.
 Every ablation runs on the same seeds. Each run is `train.py` in its own directory DIR/runs/<ablation>/seed<k>/
@@ -132,8 +133,14 @@ def check_output_dir(out: Path, spec: dict) -> None:
                                   f"({old['ablations'][ab]}); use another --out")
 
 
-def check_gpus(gpus: str | None) -> list[str]:
+def check_gpus(gpus: str | None, per_job: int = 1) -> list[str]:
+    """The GPU slots: one id per job, or with `per_job` > 1 groups of that many ids ("0,1", "2,3") that each
+    run one job under torchrun."""
+    if per_job < 1:
+        raise ExperimentError("--gpus-per-job must be >= 1")
     if gpus is None:
+        if per_job > 1:
+            raise ExperimentError("--gpus-per-job needs --gpus")
         return []
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
     import torch
@@ -143,7 +150,9 @@ def check_gpus(gpus: str | None) -> list[str]:
     if bad or not ids or len(set(ids)) != len(ids):
         valid = ", ".join(map(str, range(count))) if count else "none (no CUDA device is visible; omit --gpus to run on CPU)"
         raise ExperimentError(f"--gpus {gpus}: GPU id(s) {', '.join(bad) or gpus} do not exist or repeat; valid: {valid}")
-    return ids
+    if len(ids) % per_job:
+        raise ExperimentError(f"--gpus {gpus}: {len(ids)} GPUs do not split into groups of --gpus-per-job {per_job}")
+    return [",".join(ids[i:i + per_job]) for i in range(0, len(ids), per_job)]
 
 
 def mark_finished(jobs: Sequence[Job]) -> None:
@@ -210,15 +219,22 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join([x for x in text.splitlines() if x.strip() and "it/s]" not in x][-lines:])
 
 
+def job_command(config: str, job: Job, slot: str, gpu: bool, threads: int) -> list[str]:
+    """`train.py` for a job: on its GPU, under torchrun over its GPU group ("0,1": 2 processes), or on CPU
+    with `threads` threads."""
+    extra = ["model.device=cuda"] if gpu else ["model.device=cpu", f"training.num_threads={threads}"]
+    nproc = len(slot.split(",")) if gpu else 1
+    run = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                              if nproc > 1 else [])
+    return [*run, str(REPO / "train.py"), "--config", config, *job.overrides, *extra] + (["--resume"] if job.resume else [])
+
+
 def launcher(config: str, gpu: bool, threads: int) -> Callable[[Job, str], Process]:
-    """Start `train.py` for a job: on its GPU alone (CUDA_VISIBLE_DEVICES), or on CPU with `threads` threads."""
+    """Start a job's `job_command`, its GPUs alone visible to it (CUDA_VISIBLE_DEVICES)."""
     def start(job: Job, slot: str) -> Process:
         job.dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=slot if gpu else "")
-        extra = ["model.device=cuda"] if gpu else ["model.device=cpu", f"training.num_threads={threads}"]
-        cmd = [sys.executable, str(REPO / "train.py"), "--config", config, *job.overrides, *extra]
-        if job.resume:
-            cmd.append("--resume")
+        cmd = job_command(config, job, slot, gpu, threads)
         log = open(job.log, "a")
         try:
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -467,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="base config (default: config_tiny.yaml for countdown, "
                                                   "config_bandit.yaml for bandit; required for gsm8k)")
     p.add_argument("--gpus", default=None, help="GPU ids, one job per GPU at a time (default: CPU, one job at a time)")
+    p.add_argument("--gpus-per-job", type=int, default=1,
+                   help="GPUs per job: each job runs under torchrun over a group of this many of --gpus")
     p.add_argument("--cpu-workers", type=int, default=1, help="on CPU, jobs at a time (threads split between them)")
     p.add_argument("--baseline", default=None, help="the ablation others are compared with (default: baseline "
                                                     "if listed, else the first)")
@@ -494,7 +512,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], list[Job], dict, list[
     baseline = args.baseline or ("baseline" if "baseline" in ablations else ablations[0])
     if baseline not in ablations:
         raise ExperimentError(f"--baseline {baseline!r} is not among the ablations ({', '.join(ablations)})")
-    slots = check_gpus(args.gpus) or [f"cpu{i}" for i in range(args.cpu_workers)]
+    slots = check_gpus(args.gpus, args.gpus_per_job) or [f"cpu{i}" for i in range(args.cpu_workers)]
     seeds = list(range(1, args.seeds + 1))
     jobs = plan_jobs(ablations, presets, seeds, args.steps, args.out, args.task, args.overrides)
     try:

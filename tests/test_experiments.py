@@ -121,6 +121,26 @@ def test_scheduler_runs_one_job_per_slot_and_reports_failures(tmp_path):
     assert rerun == ["softmax seed=2"] and all(j.status in ("done", "skipped") for j in again)
 
 
+def test_gpu_groups_run_each_job_under_torchrun(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert rx.check_gpus("0,1,2,3") == ["0", "1", "2", "3"]
+    assert rx.check_gpus("0,1,2,3", per_job=2) == ["0,1", "2,3"]
+    with pytest.raises(rx.ExperimentError, match="groups of --gpus-per-job 2"):
+        rx.check_gpus("0,1,2", per_job=2)
+    job = fake_jobs(tmp_path, 2)[0]
+    job.resume = True
+    cmd = rx.job_command("c.yaml", job, "2,3", gpu=True, threads=1)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert cmd[6].endswith("train.py") and "model.device=cuda" in cmd and cmd[-1] == "--resume"
+    single = rx.job_command("c.yaml", job, "1", gpu=True, threads=1)
+    assert single[1].endswith("train.py") and "torch.distributed.run" not in single
+    cpu = rx.job_command("c.yaml", job, "cpu0", gpu=False, threads=2)
+    assert "training.num_threads=2" in cpu and "torch.distributed.run" not in cpu
+
+
 def test_interrupted_run_with_a_checkpoint_resumes_and_one_without_restarts(tmp_path):
     jobs = fake_jobs(tmp_path, 4)
     (jobs[0].dir / "ckpt" / "step_000002").mkdir(parents=True)

@@ -120,6 +120,41 @@ def test_bf16_params_fp32_state():
         torch.testing.assert_close(p16.float(), p32.detach(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adamw_offload"])
+def test_bf16_weights_keep_small_updates_through_fp32_master_weights(name):
+    """lr 1e-5 on a bf16 weight of 0.01 (resolution ~6e-5): each step is below half the resolution, so pure-bf16
+    AdamW rounds every one away; the registry's optimizers accumulate them in fp32 master weights."""
+    hp = dict(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    start = torch.full((64,), 0.01)
+    grads = [torch.randn(64, generator=torch.Generator().manual_seed(t)).abs() + 0.5 for t in range(100)]
+
+    def train(param, opt):
+        for g in grads:
+            param.grad = g.to(param.dtype)
+            opt.step()
+        return param.detach().float()
+
+    fp32 = torch.nn.Parameter(start.clone())
+    reference = train(fp32, torch.optim.AdamW([fp32], foreach=False, **hp))
+    pure = torch.nn.Parameter(start.to(torch.bfloat16))
+    assert torch.equal(train(pure, torch.optim.AdamW([pure], foreach=False, **hp)), start.to(torch.bfloat16).float())
+    ours = torch.nn.Parameter(start.to(torch.bfloat16))
+    opt = build_optimizer([ours], name, **hp)
+    moved = train(ours, opt)
+    assert float((reference - start).abs().min()) > 5e-4  # the fp32 run moved ~100 x lr (= 16 bf16 steps)
+    assert torch.allclose(moved, reference, atol=6e-5, rtol=0)  # within one bf16 step of it
+    assert opt.state[ours]["master"].dtype == torch.float32
+
+
+def test_fp32_weights_need_no_master_copy():
+    params = make_params()
+    opt = build_optimizer(params, "adamw_offload", **HPARAMS)
+    for p, g in zip(params, fake_grads(params, 0)):
+        p.grad = g
+    opt.step()
+    assert all("master" not in opt.state[p] for p in params)
+
+
 def test_offload_false_keeps_state_beside_params():
     params = make_params()
     opt = MemoryEfficientAdamW(params, offload=False, **HPARAMS)
