@@ -16,14 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed  # noqa: E402
 import grpo  # noqa: E402
+import grpo_mitigations as gm  # noqa: E402
 from data_types import Episode  # noqa: E402
 from distributed import Dist  # noqa: E402
 from qwen2_model import ModelConfig, Transformer  # noqa: E402
 
-# (strategy, policy loss, aggregation, iterations, micro-batch size): 9 episodes in micro-batches of 2 are
-# 5 micro-batches, 3 on rank 0 and 2 on rank 1, which runs an empty one to stay in step
-CASES = [(s, loss, agg, it, mb) for s in ("ddp", "fsdp") for loss, agg, it, mb in (
-    ("pg", "token-mean", 1, 2), ("pg", "seq-mean-token-mean", 1, 2), ("ppo", "token-mean", 2, 3))]
+# (strategy, policy loss, aggregation, iterations, micro-batch size, extras): 9 episodes in micro-batches of 2
+# are 5 micro-batches, 3 on rank 0 and 2 on rank 1, which runs an empty one to stay in step. extras: the
+# attribution head (parameters outside the wrapped model, its batch metrics) and teacher-forcing micro-batches
+CASES = [(s, loss, agg, it, mb, extras) for s in ("ddp", "fsdp") for loss, agg, it, mb, extras in (
+    ("pg", "token-mean", 1, 2, False), ("pg", "seq-mean-token-mean", 1, 2, False), ("ppo", "token-mean", 2, 3, False),
+    ("pg", "token-mean", 1, 2, True))]
 
 
 def make_model() -> Transformer:
@@ -50,18 +53,23 @@ def make_batch() -> tuple[list[Episode], torch.Tensor]:
 
 def run_case(case: tuple, d: Dist) -> dict[str, torch.Tensor]:
     """The weights after one update (SGD, lr 1: the change is minus the gradient), gathered whole."""
-    strategy, loss, agg, iterations, mb = case
+    strategy, loss, agg, iterations, mb, extras = case
     d = Dist(d.rank, d.world_size, d.local_rank, strategy)
     model = make_model()
+    weighter = gm.build_weighter("attribution", hidden_size=32) if extras else None
     wrapped = distributed.wrap(model, d)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    head = weighter.parameters() if weighter is not None else []
+    optimizer = torch.optim.SGD(list(model.parameters()) + head, lr=1.0)
     episodes, advantages = make_batch()
     cfg = grpo.UpdateConfig(micro_batch_size=mb, loss_agg_mode=agg, policy_loss=loss, num_iterations=iterations,
-                            old_log_probs="rollout", max_grad_norm=1e9, logits_chunk_tokens=8)
-    stats = grpo.update_policy(wrapped, optimizer, episodes, advantages, cfg, dist=d)
-    weights = {k: distributed.full_tensor(v).detach().clone() for k, v in model.state_dict().items()}
-    return {**weights, "_loss": torch.tensor(stats.metrics["loss"]),
-            "_token_log_probs": torch.tensor([x for row in stats.token_log_probs for x in row])}
+                            old_log_probs="rollout", max_grad_norm=1e9, logits_chunk_tokens=8,
+                            teacher_forcing_coef=0.5 if extras else 0.0)
+    stats = grpo.update_policy(wrapped, optimizer, episodes, advantages, cfg, weighter, extra_parameters=head,
+                               teacher_episodes=episodes[:3] if extras else (), dist=d)
+    out = {k: distributed.full_tensor(v).detach().clone() for k, v in model.state_dict().items()}
+    out.update({f"_head.{i}": p.detach().clone() for i, p in enumerate(head)})
+    out.update({f"_metric.{k}": torch.tensor(v) for k, v in stats.metrics.items()})
+    return {**out, "_token_log_probs": torch.tensor([x for row in stats.token_log_probs for x in row])}
 
 
 def main(out: str) -> None:
