@@ -787,21 +787,24 @@ class _Unit:
     """One micro-batch of the update: policy episodes or teacher completions, by index."""
 
     kind: str  # "policy" | "teacher"
-    index: range
+    index: list[int]  # episode indices (policy micro-batches hold episodes of similar length)
     key: int  # its position among the policy micro-batches (the old-log-prob cache key)
 
 
 def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], config: UpdateConfig, d: Dist
                 ) -> list[_Unit | None]:
-    """This rank's micro-batches (None = an empty one, to keep ranks in step). With several ranks the micro-batches are made small enough that each rank gets some;
-    the full-batch normalizers make the gradient the same whatever the packing."""
+    """This rank's micro-batches (None = an empty one, to keep ranks in step). Episodes are packed in order of
+    length, so a micro-batch pads little; with several ranks the micro-batches are made small enough that each
+    rank gets some. The full-batch normalizers make the gradient the same whatever the packing."""
     size = config.micro_batch_size
     if d.enabled:
         size = max(1, min(size, math.ceil(len(episodes) / d.world_size)))
-    units = [_Unit("policy", idx, k) for k, idx in
-             enumerate(micro_batches(episodes, size, config.max_tokens_per_micro_batch))]
+    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i].prompt_token_ids)
+                   + len(episodes[i].generated_token_ids))
+    packed = micro_batches([episodes[i] for i in order], size, config.max_tokens_per_micro_batch)
+    units = [_Unit("policy", [order[j] for j in idx], k) for k, idx in enumerate(packed)]
     if teachers and config.teacher_forcing_coef > 0:
-        units += [_Unit("teacher", idx, -1) for idx in
+        units += [_Unit("teacher", list(idx), -1) for idx in
                   micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch)]
     part, count = split_work(len(units), d)
     mine: list[_Unit | None] = [units[i] for i in part]
@@ -899,7 +902,7 @@ def update_policy(
                 loss = _teacher_forcing_loss(model, [teacher_episodes[j] for j in unit.index], config, totals,
                                              iteration, sums)
             else:
-                loss = _micro_batch_loss(model, [episodes[j] for j in unit.index], adv[list(unit.index)], config,
+                loss = _micro_batch_loss(model, [episodes[j] for j in unit.index], adv[unit.index], config,
                                          iteration, unit.key, old_cache, totals, weighter, ref_model, stats, sums)
             with gradient_sync(model, dist, sync=i == len(units) - 1):
                 (loss * grad_scale(dist)).backward()
@@ -912,14 +915,17 @@ def update_policy(
         if not ok:
             stats.skipped = True
             break
-    _gather_token_arrays(stats, dist)
+    _gather_token_arrays(stats, [j for u in units if u is not None and u.kind == "policy" for j in u.index], dist)
     _summarize(stats, sum_values(sums.values, dist), totals, config)
     if weighter is not None:
         stats.metrics.update(weighter.pop_metrics(lambda sums: sum_values(sums, dist)))
     return stats
 
 
-def _gather_token_arrays(stats: UpdateStats, d: Dist) -> None:
-    """Every rank's per-token arrays, in episode order (ranks hold contiguous micro-batches, in rank order)."""
+def _gather_token_arrays(stats: UpdateStats, processed: list[int], d: Dist) -> None:
+    """Every rank's per-token arrays (rows in the order its micro-batches processed episodes `processed`),
+    put back in episode order."""
+    where = {episode: row for row, episode in enumerate(gather(processed, d))}
     for name in ("token_log_probs", "token_entropies", "token_weights", "token_logit_grad_norms"):
-        setattr(stats, name, gather(getattr(stats, name), d))
+        rows = gather(getattr(stats, name), d)
+        setattr(stats, name, [rows[where[i]] for i in range(len(where))])

@@ -357,6 +357,25 @@ def test_one_step_moves_log_probs_in_the_direction_of_the_advantage(mode):
     np.testing.assert_allclose(stats.token_weights[1], [1.0, 1.0, 1.0])
 
 
+@pytest.mark.parametrize("micro_batch", [1, 2, 4])
+def test_per_token_arrays_come_back_in_episode_order(micro_batch):
+    """The update packs episodes by length (here the reverse of their order); the credit logger's arrays must
+    still be row i = episode i: each row equals that episode's own log-probs before the step."""
+    model = tiny_model()
+    eps = [_episode([1, 2, 3], [4, 5, 6, 7, 8, 9]), _episode([1, 2], [8, 9, 10, 11]), _episode([4], [11, 12, 13]),
+           _episode([5], [6])]
+    expected = []
+    with torch.no_grad():
+        for e in eps:
+            fwd = grpo.forward_completions(model, [e], 0)
+            expected.append(grpo.token_statistics(fwd.logits, fwd.targets)[0][0].tolist())
+    stats = grpo.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.1), eps, torch.tensor([1.0, -1.0, 0.5, 2.0]),
+                               grpo.UpdateConfig(micro_batch_size=micro_batch))
+    for got, want in zip(stats.token_log_probs, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [len(r) for r in stats.token_entropies] == [6, 4, 3, 1]
+
+
 def test_micro_batching_gives_the_full_batch_gradient():
     eps = [_episode([1, 2, 3], [4, 5, 6, 7]), _episode([1, 2], [8, 9, 10]), _episode([4], [11, 12])]
     adv = torch.tensor([0.7, -1.2, 0.4])
