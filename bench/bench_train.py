@@ -2,12 +2,16 @@
 recomputed in the backward (`UpdateConfig.logits_chunk_tokens`), on the same weights and episodes.
 
     python bench/bench_train.py [--vocab 151936 --hidden 256 --layers 2 --rows 16 --new_tokens 256]
+    python bench/bench_train.py --shape qwen2.5-3b --device cuda --dtype bfloat16 --peak_tflops 989
 
 Each variant runs in its own process (peak memory is a per-process high-water mark): on CPU the resident-set
 peak (VmHWM) minus the resident set after the model, episodes and optimizer state are built; on CUDA
 torch.cuda.max_memory_allocated minus the allocation before the update. The parameter change of both variants
 is compared (max abs difference). The body is small and the vocabulary Qwen's, so the logits dominate, as they
-do per micro-batch at any model size. Prints a table, then one JSON line.
+do per micro-batch at any model size; `--shape` takes a named shape of bench_rollout.py instead (Qwen2.5-0.5B,
+1.5B, 3B, Qwen3-0.6B, small; random weights). Each variant also reports its model FLOP rate (6 x parameters x
+tokens per second) and, with `--peak_tflops` (the device's dense peak), the model FLOP utilization.
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def rss_kib(field: str) -> int:
@@ -37,13 +42,20 @@ def child(args: argparse.Namespace) -> None:
     from data_types import Episode
     from qwen2_model import ModelConfig, Transformer
 
-    device = torch.device(args.device)
+    from bench_rollout import model_config
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=1,
-                      head_dim=64, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, torch_dtype="float32")
-    model = Transformer.from_config(cfg, device=device, dtype=torch.float32)
+    if args.shape:
+        cfg = model_config(args.shape, args.dtype)
+        args.vocab = cfg.vocab_size
+    else:
+        cfg = ModelConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+                          intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+                          num_attention_heads=args.hidden // 64, num_key_value_heads=1, head_dim=64,
+                          max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                          torch_dtype=args.dtype)
+    model = Transformer.from_config(cfg, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     episodes = [Episode(prompt="", prompt_token_ids=torch.randint(0, args.vocab, (32,), generator=g).tolist(),
                         generated_token_ids=torch.randint(0, args.vocab, (args.new_tokens,), generator=g).tolist(),
@@ -64,9 +76,11 @@ def child(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else (rss_kib("VmHWM:") - base_rss) * 1024
-    delta = torch.cat([(p.detach() - b).flatten().cpu() for p, b in zip(model.parameters(), before)])
+    delta = torch.cat([(p.detach() - b).float().flatten().cpu() for p, b in zip(model.parameters(), before)])
     torch.save(delta, args.out)
-    print(json.dumps({"peak_bytes_above_model": peak, "seconds": seconds}))
+    tokens = args.rows * (32 + args.new_tokens)
+    flops = 6 * model.num_parameters() * tokens  # forward + backward over every token, prompts included
+    print(json.dumps({"peak_bytes_above_model": peak, "seconds": seconds, "model_tflops": flops / seconds / 1e12}))
 
 
 def main() -> None:
@@ -78,32 +92,45 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--chunk", type=int, default=512, help="the chunked variant's logits_chunk_tokens")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--shape", default="", help="a named shape of bench_rollout.py (overrides --vocab/--hidden/--layers)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="device dense peak, for MFU")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
         return
-    results = {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "rows", "new_tokens", "chunk", "device")}
+    if args.shape:  # the shape decides the body: report it
+        from bench_rollout import model_config
+
+        cfg = model_config(args.shape, args.dtype)
+        args.vocab, args.hidden, args.layers = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
+    keys = ("vocab", "hidden", "layers", "rows", "new_tokens", "device", "dtype", "shape")
+    results = {k: getattr(args, k) for k in (*keys, "chunk")}
     with tempfile.TemporaryDirectory() as d:
         runs = {}
         for name, chunk in (("full_logits", 0), ("chunked", args.chunk)):
             out = f"{d}/{name}.pt"
             cmd = [sys.executable, __file__, "--child", "--out", out, "--chunk", str(chunk)] + [
-                f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "rows", "new_tokens", "device")]
+                f"--{k}={getattr(args, k)}" for k in keys]
             line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             runs[name] = json.loads(line)
             runs[name]["delta"] = torch.load(out)
         diff = float((runs["full_logits"]["delta"] - runs["chunked"]["delta"]).abs().max())
         scale = float(runs["full_logits"]["delta"].abs().max())
     gib = 1024 ** 3
-    print(f"update of {args.rows} x {args.new_tokens} generated tokens, vocab {args.vocab}, {args.device}")
-    print("| variant | peak above model | time |")
-    print("|---|---|---|")
+    print(f"update of {args.rows} x {args.new_tokens} generated tokens, {args.shape or 'custom body'}, vocab "
+          f"{args.vocab}, {args.device}, {args.dtype}")
+    print("| variant | peak above model | time | model TFLOP/s | MFU |")
+    print("|---|---|---|---|---|")
     for name in ("full_logits", "chunked"):
         r = runs[name]
-        print(f"| {name} | {r['peak_bytes_above_model'] / gib:.2f} GiB | {r['seconds']:.1f} s |")
-        results[name] = {"peak_gib_above_model": r["peak_bytes_above_model"] / gib, "seconds": r["seconds"]}
+        mfu = r["model_tflops"] / args.peak_tflops if args.peak_tflops else None
+        print(f"| {name} | {r['peak_bytes_above_model'] / gib:.2f} GiB | {r['seconds']:.1f} s | {r['model_tflops']:.3f} | "
+              f"{'-' if mfu is None else f'{mfu:.1%}'} |")
+        results[name] = {"peak_gib_above_model": r["peak_bytes_above_model"] / gib, "seconds": r["seconds"],
+                         "model_tflops": r["model_tflops"], "mfu": mfu}
     print(f"max |parameter change difference| = {diff:.2e} (largest change {scale:.2e})")
     results["max_abs_param_change_diff"], results["max_abs_param_change"] = diff, scale
     print(json.dumps(results))
