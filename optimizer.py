@@ -60,7 +60,10 @@ class MemoryEfficientAdamW(torch.optim.Optimizer):
         return torch.device("cpu") if self.offload else param.device
 
     def _empty_state(self, param: torch.Tensor) -> torch.Tensor:
-        """An uninitialised fp32 tensor shaped like `param` on the state device."""
+        """An uninitialised fp32 tensor shaped like `param` on the state device (an FSDP2-sharded parameter's
+        state is sharded like it: zeros_like keeps the DTensor layout)."""
+        if _is_dtensor(param):
+            return torch.zeros_like(param, dtype=torch.float32)
         device = self._state_device(param)
         pin = self.pin_memory and device.type == "cpu"
         return torch.empty(param.shape, dtype=torch.float32, device=device, pin_memory=pin)

@@ -141,3 +141,24 @@ def test_torchrun_two_ranks_train_like_one_process_and_checkpoints_move_between_
     torchrun("train.py", "--config", _write(cfg, tmp_path / "back.yaml"), "--resume")
     assert _close(_weights(one, 3), _weights(back, 3))
     assert _tokens(one).equals(_tokens(back))
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_weights_keeps_fp32_master_weights_and_resumes_on_one_process(tiny_assets, tmp_path):
+    """FSDP2 shards AdamW's fp32 moments and master weights like the bf16 weights; the checkpoint holds them
+    whole (the single-process layout), and one process resumes from it."""
+    out = tmp_path / "bf16"
+    cfg = _config(tiny_assets, out, max_steps=2)
+    cfg["model"]["dtype"] = "bfloat16"
+    cfg["distributed"] = {"strategy": "fsdp"}
+    torchrun("train.py", "--config", _write(cfg, tmp_path / "bf16.yaml"))
+    state = torch.load(out / "ckpt" / "step_000002" / "optimizer.pt", weights_only=False)["state"]
+    weights = _weights(out, 2)
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    embed = state[0]  # the first parameter: the embedding table, whole
+    assert embed["master"].dtype == torch.float32 and embed["master"].shape == weights["model.embed_tokens.weight"].shape
+    assert torch.equal(embed["master"].to(torch.bfloat16), weights["model.embed_tokens.weight"])
+    cfg["training"]["max_steps"] = 3
+    result = trainer.train(config_from_dict(cfg), resume=True)
+    assert result.step == 3 and (out / "ckpt" / "step_000003" / "model.safetensors").is_file()
+
