@@ -26,6 +26,10 @@ T = TypeVar("T")
 STRATEGIES = ("ddp", "fsdp")
 
 
+class DistributedError(RuntimeError):
+    """A launch that cannot work as asked (e.g. more ranks on a node than GPUs)."""
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job."""
@@ -56,6 +60,10 @@ def init(device: torch.device, strategy: str = "ddp") -> Dist:
         return Dist(strategy=strategy)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise DistributedError(f"torchrun started local rank {local_rank} but this node sees {visible} GPU(s): use "
+                               f"--nproc_per_node <= {visible} (CUDA_VISIBLE_DEVICES limits what is seen)")
         torch.cuda.set_device(local_rank)
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")

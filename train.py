@@ -32,6 +32,7 @@ def run(config_path: str, overrides: list[str], resume: str | bool | None) -> in
         return 2
     # imported after validation: config errors come before any model loads
     from countdown_task import DatasetError
+    from distributed import DistributedError
     from fileio import DiskFullError
     from qwen2_model import CheckpointError
     from tokenizer import TokenizerFileError
@@ -40,7 +41,7 @@ def run(config_path: str, overrides: list[str], resume: str | bool | None) -> in
     try:
         result = train(config, resume=resume)
     except (CheckpointError, TokenizerFileError, DatasetError, FileExistsError, FileNotFoundError,
-            DiskFullError, NonFiniteError) as e:  # the user's input or machine, not a bug: no traceback
+            DiskFullError, NonFiniteError, DistributedError) as e:  # the user's input or machine, not a bug: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result.rank == 0:

@@ -48,6 +48,14 @@ def test_one_process_gets_a_no_op_dist():
     assert distributed.gather([1, 2], d) == [1, 2] and distributed.all_sum(2.5, d) == 2.5
 
 
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(distributed.DistributedError, match="sees 2 GPU"):
+        distributed.init(torch.device("cuda"))
+
+
 def test_unknown_strategy_is_a_config_error(tiny_assets, tmp_path):
     with pytest.raises(ConfigError, match="strategy"):
         config_from_dict(run_config(tiny_assets, tmp_path, distributed={"strategy": "zero3"}))
