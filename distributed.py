@@ -121,12 +121,15 @@ def barrier(d: Dist) -> None:
 @contextmanager
 def main_first(d: Dist) -> Iterator[None]:
     """Rank 0 runs the block first (e.g. builds the tiny model or generates data on disk), then the others
-    run it and find the files there."""
+    run it and find the files there. If rank 0 fails, the others still go on and meet the same error (a
+    missing model directory, ...) instead of waiting for rank 0 forever; torchrun then stops the job."""
     if not d.is_main:
         barrier(d)
-    yield
-    if d.is_main:
-        barrier(d)
+    try:
+        yield
+    finally:
+        if d.is_main:
+            barrier(d)
 
 
 # ---------------------------------------------------------------- the update
