@@ -472,7 +472,7 @@ def test_advantage_regression_objective():
     np.testing.assert_allclose(w[2, :2].numpy(), [1.0, 1.0], rtol=1e-6)  # A = 0: uniform
     aux = weighter.aux_loss(b, w)
     pred = [scores[r, mask[r].numpy()].mean() for r in range(3)]
-    assert float(aux) == pytest.approx(np.mean([(p - a) ** 2 for p, a in zip(pred, adv.tolist())]), rel=1e-5)
+    assert float(aux.detach()) == pytest.approx(np.mean([(p - a) ** 2 for p, a in zip(pred, adv.tolist())]), rel=1e-5)
     aux.backward()
     assert weighter.head.proj.weight.grad.abs().max() > 0
 
