@@ -229,12 +229,27 @@ def full_tensor(t: Any) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state dict with every sharded tensor gathered whole, in the single-process layout
-    (so a checkpoint from N ranks resumes on any number)."""
+def _to_main(t: Any, d: Dist) -> Any:
+    """Gather a (possibly sharded) tensor whole, one at a time, and keep it on rank 0's CPU only: no rank
+    ever holds a second whole copy of the model on its GPU. Other ranks get None."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    whole = full_tensor(t)
+    return whole.detach().cpu() if d.is_main else None
+
+
+def full_model_state(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor] | None:
+    """The model's checkpoint tensors gathered whole onto rank 0's CPU (None on the other ranks)."""
+    state = {k: _to_main(v, d) for k, v in model.checkpoint_state_dict().items()}
+    return state if d.is_main else None
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, d: Dist) -> dict[str, Any] | None:
+    """The optimizer's state dict gathered whole onto rank 0's CPU, in the single-process layout (so a
+    checkpoint from N ranks resumes on any number); None on the other ranks."""
     sd = optimizer.state_dict()
-    sd["state"] = {k: {name: full_tensor(v) for name, v in s.items()} for k, s in sd["state"].items()}
-    return sd
+    state = {k: {name: _to_main(v, d) for name, v in s.items()} for k, s in sd["state"].items()}
+    return {**sd, "state": state} if d.is_main else None
 
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:

@@ -324,7 +324,10 @@ def setup(config: Config, resume: str | bool | None) -> Run:
     task = build_task(config)
     with distributed.main_first(dist):  # rank 0 generates data / builds the tiny model, the others load them
         train_set, test_set = task.load()
-        model, tokenizer = load_policy(config, device, task, train_set, resume_path)
+        # under FSDP2 the whole model goes to the CPU first; fully_shard then moves each layer's shard to this
+        # rank's GPU, so a model that does not fit one GPU never has to
+        fsdp = dist.enabled and dist.strategy == "fsdp"
+        model, tokenizer = load_policy(config, torch.device("cpu") if fsdp else device, task, train_set, resume_path)
     train_model = distributed.wrap(model, dist)  # FSDP2 shards in place: build the optimizer after
     ref_model = None
     if config.algorithm.beta > 0:  # the frozen initial policy
@@ -374,8 +377,8 @@ def save(run: Run, step: int) -> Path:
     t, a = run.config.training, run.config.algorithm
     model_state = optimizer_state = None
     if run.dist.enabled and run.dist.strategy == "fsdp":
-        model_state = {k: distributed.full_tensor(v) for k, v in run.model.checkpoint_state_dict().items()}
-        optimizer_state = distributed.full_optimizer_state(run.optimizer)
+        model_state = distributed.full_model_state(run.model, run.dist)
+        optimizer_state = distributed.full_optimizer_state(run.optimizer, run.dist)
     run.last_ckpt = Path(t.ckpt_dir) / f"step_{step:06d}"
     if run.dist.is_main:
         _write_checkpoint(run, step, model_state, optimizer_state)
