@@ -135,9 +135,9 @@ def main_first(d: Dist) -> Iterator[None]:
 # ---------------------------------------------------------------- the update
 
 
-def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, d: Dist, device: torch.device | None = None) -> torch.nn.Module:
     """The module the update calls: DDP around the model, or the model itself sharded in place by FSDP2
-    (each decoder layer, then the root). One process: the model unchanged."""
+    (each decoder layer, then the root; the shards then go to `device`). One process: the model unchanged."""
     if not d.enabled:
         return model
     if d.strategy == "fsdp":
@@ -146,7 +146,7 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        return model
+        return model.to(device) if device is not None else model
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel

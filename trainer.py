@@ -328,7 +328,7 @@ def setup(config: Config, resume: str | bool | None) -> Run:
         # rank's GPU, so a model that does not fit one GPU never has to
         fsdp = dist.enabled and dist.strategy == "fsdp"
         model, tokenizer = load_policy(config, torch.device("cpu") if fsdp else device, task, train_set, resume_path)
-    train_model = distributed.wrap(model, dist)  # FSDP2 shards in place: build the optimizer after
+    train_model = distributed.wrap(model, dist, device)  # FSDP2 shards in place: build the optimizer after
     ref_model = None
     if config.algorithm.beta > 0:  # the frozen initial policy
         ref_model = Transformer.from_pretrained(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
