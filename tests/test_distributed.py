@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -169,4 +171,43 @@ def test_fsdp_with_bf16_weights_keeps_fp32_master_weights_and_resumes_on_one_pro
     cfg["training"]["max_steps"] = 3
     result = trainer.train(config_from_dict(cfg), resume=True)
     assert result.step == 3 and (out / "ckpt" / "step_000003" / "model.safetensors").is_file()
+
+
+def _workers(config_path: str) -> list[int]:
+    """pids of the train.py processes torchrun started for this config (not torchrun itself)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"train.py" in cmd and config_path.encode() in cmd and b"torch.distributed.run" not in cmd:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tiny_assets, tmp_path):
+    out = tmp_path / "sig"
+    cfg = _config(tiny_assets, out, max_steps=500, ckpt_save_interval=1000)
+    path = _write(cfg, tmp_path / "sig.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", "--config", path], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.5)
+    workers = _workers(path)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGTERM)  # one rank only, as a node-local preemption would
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("[signal] stopped after step") == 1  # rank 0 reports
+    ckpts = sorted((out / "ckpt").glob("step_*"))
+    last = max(yaml.safe_load(line)["step"] for line in metrics.read_text().splitlines())
+    assert len(ckpts) == 1 and ckpts[0].name == f"step_{last:06d}" and 3 <= last < 500
+    cfg["training"]["max_steps"] = last + 1  # and one process carries on from it
+    assert trainer.train(config_from_dict(cfg), resume=True).step == last + 1
 
