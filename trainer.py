@@ -374,7 +374,7 @@ def _restore(run: Run, path: Path) -> None:
 def save(run: Run, step: int) -> Path:
     """Rank 0 writes the checkpoint; under FSDP2 every rank first helps gather the full weights and optimizer
     state, so the checkpoint is the single-process layout and resumes on any number of ranks."""
-    t, a = run.config.training, run.config.algorithm
+    t = run.config.training
     model_state = optimizer_state = None
     if run.dist.enabled and run.dist.strategy == "fsdp":
         model_state = distributed.full_model_state(run.model, run.dist)
