@@ -47,6 +47,11 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def fsdp(self) -> bool:
+        """Parameters are FSDP2-sharded (torchrun with distributed.strategy=fsdp)."""
+        return self.enabled and self.strategy == "fsdp"
+
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -140,7 +145,7 @@ def wrap(model: torch.nn.Module, d: Dist, device: torch.device | None = None) ->
     (each decoder layer, then the root; the shards then go to `device`). One process: the model unchanged."""
     if not d.enabled:
         return model
-    if d.strategy == "fsdp":
+    if d.fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
@@ -166,14 +171,11 @@ def grad_scale(d: Dist) -> float:
 
 def gradient_sync(model: torch.nn.Module, d: Dist, sync: bool) -> Any:
     """Context for one backward of a gradient-accumulation loop: reduce gradients only when `sync`."""
-    if not d.enabled or sync:
-        if d.enabled and d.strategy == "fsdp":
-            model.set_requires_gradient_sync(True)
-        return nullcontext()
-    if d.strategy == "fsdp":
-        model.set_requires_gradient_sync(False)
-        return nullcontext()
-    return model.no_sync()
+    if d.fsdp:
+        model.set_requires_gradient_sync(sync)
+    if d.enabled and not d.fsdp and not sync:
+        return model.no_sync()
+    return nullcontext()
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter], d: Dist) -> None:
@@ -209,7 +211,7 @@ def _fsdp_modules(model: torch.nn.Module) -> list[Any]:
 def full_weights(model: torch.nn.Module, d: Dist) -> Iterator[None]:
     """Under FSDP2, gather the whole model on every rank for rollouts, so each rank can decode its own
     shard for as many steps as it needs without lock-step collectives; sharded again on exit."""
-    if not (d.enabled and d.strategy == "fsdp"):
+    if not d.fsdp:
         yield
         return
     modules = _fsdp_modules(model)
@@ -224,9 +226,30 @@ def full_weights(model: torch.nn.Module, d: Dist) -> Iterator[None]:
             m.set_reshard_after_forward(True)
 
 
+def is_dtensor(t: Any) -> bool:
+    """An FSDP2-sharded tensor (DTensor), checked without importing torch.distributed.tensor."""
+    return type(t).__name__ == "DTensor"
+
+
 def full_tensor(t: Any) -> torch.Tensor:
     """A DTensor's whole value (a collective: every rank must call it); a plain tensor as is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over parameters that may mix FSDP2-sharded (DTensor) and plain tensors
+    (the attribution head beside a sharded model): one global norm, each kind clipped on its own."""
+    kinds: dict[bool, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            kinds.setdefault(is_dtensor(p), []).append(p)
+    if len(kinds) < 2:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = {k: torch.nn.utils.get_total_norm([p.grad for p in ps]) for k, ps in kinds.items()}
+    total = torch.linalg.vector_norm(torch.stack([norms[True].full_tensor(), norms[False].to(norms[True].device)]))
+    for ps in kinds.values():
+        torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
+    return total
 
 
 def _to_main(t: Any, d: Dist) -> Any:
@@ -254,12 +277,12 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, d: Dist) -> dict[str,
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """Load a single-process-layout optimizer state; moments of sharded parameters are cut to this rank's shard."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for k, s in sd["state"].items():
         p = params[int(k)]
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             s.update({n: distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements)
                       for n, v in s.items() if isinstance(v, torch.Tensor) and v.shape == p.shape})
     optimizer.load_state_dict(sd)

@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data_types import Episode, TokenBatch, UpdateStats
-from distributed import Dist, all_sum, gather, grad_scale, gradient_sync, split_work, sum_gradients, sum_values
+from distributed import (Dist, all_sum, clip_grad_norm, gather, grad_scale, gradient_sync, split_work, sum_gradients,
+                         sum_values)
 from rollout import RolloutEngine, RolloutOutput, row_keys, stream_key
 
 # ============================================================================ sampling (entry points; the engine is rollout.py)
@@ -809,22 +810,6 @@ def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], config
     part, count = split_work(len(units), d)
     mine: list[_Unit | None] = [units[i] for i in part]
     return mine + [None] * (count - len(mine))
-
-
-def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` over parameters that may mix FSDP2-sharded (DTensor) and plain tensors
-    (the attribution head beside a sharded model): one global norm, each kind clipped on its own."""
-    kinds: dict[bool, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            kinds.setdefault(type(p).__name__ == "DTensor", []).append(p)
-    if len(kinds) < 2:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norms = {k: torch.nn.utils.get_total_norm([p.grad for p in ps]) for k, ps in kinds.items()}
-    total = torch.linalg.vector_norm(torch.stack([norms[True].full_tensor(), norms[False].to(norms[True].device)]))
-    for ps in kinds.values():
-        torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
-    return total
 
 
 def _clip_and_step(optimizer: torch.optim.Optimizer, params: list, loss_total: float, max_grad_norm: float

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from distributed import is_dtensor
+
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
@@ -62,7 +64,7 @@ class MemoryEfficientAdamW(torch.optim.Optimizer):
     def _empty_state(self, param: torch.Tensor) -> torch.Tensor:
         """An uninitialised fp32 tensor shaped like `param` on the state device (an FSDP2-sharded parameter's
         state is sharded like it: zeros_like keeps the DTensor layout)."""
-        if _is_dtensor(param):
+        if is_dtensor(param):
             return torch.zeros_like(param, dtype=torch.float32)
         device = self._state_device(param)
         pin = self.pin_memory and device.type == "cpu"
@@ -154,13 +156,9 @@ def _adamw(params: ParamsT, **hparams: Any) -> torch.optim.Optimizer:
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in tensors):
         return MemoryEfficientAdamW(groups, offload=False, master_weights=True, **hparams)
-    fused = bool(tensors) and all(p.is_cuda for p in tensors) and not any(_is_dtensor(p) for p in tensors)
+    fused = bool(tensors) and all(p.is_cuda for p in tensors) and not any(is_dtensor(p) for p in tensors)
     return torch.optim.AdamW(groups, fused=True, **hparams) if fused else torch.optim.AdamW(groups, foreach=False,
                                                                                              **hparams)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 def _adamw_offload(params: ParamsT, **hparams: Any) -> torch.optim.Optimizer:

@@ -326,8 +326,8 @@ def setup(config: Config, resume: str | bool | None) -> Run:
         train_set, test_set = task.load()
         # under FSDP2 the whole model goes to the CPU first; fully_shard then moves each layer's shard to this
         # rank's GPU, so a model that does not fit one GPU never has to
-        fsdp = dist.enabled and dist.strategy == "fsdp"
-        model, tokenizer = load_policy(config, torch.device("cpu") if fsdp else device, task, train_set, resume_path)
+        model, tokenizer = load_policy(config, torch.device("cpu") if dist.fsdp else device, task, train_set,
+                                       resume_path)
     train_model = distributed.wrap(model, dist, device)  # FSDP2 shards in place: build the optimizer after
     ref_model = None
     if config.algorithm.beta > 0:  # the frozen initial policy
@@ -358,9 +358,8 @@ def setup(config: Config, resume: str | bool | None) -> Run:
 
 def _restore(run: Run, path: Path) -> None:
     state = read_checkpoint(path)
-    fsdp = run.dist.enabled and run.dist.strategy == "fsdp"
     extras = load_training_state(path, run.optimizer, run.generator,
-                                 distributed.load_full_optimizer_state if fsdp else None)
+                                 distributed.load_full_optimizer_state if run.dist.fsdp else None)
     if "attribution_head" in extras:
         run.weighter.load_state_dict(extras["attribution_head"])
     run.sampler.load_state_dict(state.trainer_state["sampler"])
@@ -376,7 +375,7 @@ def save(run: Run, step: int) -> Path:
     state, so the checkpoint is the single-process layout and resumes on any number of ranks."""
     t = run.config.training
     model_state = optimizer_state = None
-    if run.dist.enabled and run.dist.strategy == "fsdp":
+    if run.dist.fsdp:
         model_state = distributed.full_model_state(run.model, run.dist)
         optimizer_state = distributed.full_optimizer_state(run.optimizer, run.dist)
     run.last_ckpt = Path(t.ckpt_dir) / f"step_{step:06d}"
