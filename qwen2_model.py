@@ -257,6 +257,66 @@ class KVCache(nn.Module):
         return self.k_cache[:batch, :, :kv_len], self.v_cache[:batch, :, :kv_len]
 
 
+@dataclass
+class SharedPrefix:
+    """Decode over prompts shared by groups of rows (cascade attention): the `group` rows of question q read
+    that prompt's keys and values once for the group, from cache row q, slots [0, length), and their own
+    generated ones from their own cache row, slots [length, ...). Rows stay in the cache rows [0, n) of the
+    live batch; `rows[i]` = q * group + j is live row i's identity (so compaction may reorder or drop rows)."""
+
+    length: int  # prompt slots (the prefill's width)
+    group: int  # rows per question
+    questions: int
+    rows: torch.Tensor  # [n] identity q * group + j of each live row
+    mask: torch.Tensor  # [questions, 1, 1, length] additive: -inf on each prompt's left padding
+
+    @classmethod
+    def for_prompts(cls, pad_lens: torch.Tensor, length: int, group: int, rows: torch.Tensor) -> "SharedPrefix":
+        """Prompts left-padded by pad_lens [questions] to `length` slots, in cache rows [0, questions)."""
+        padding = torch.arange(length, device=pad_lens.device) < pad_lens[:, None]
+        mask = torch.zeros(padding.shape, device=pad_lens.device).masked_fill(padding, float("-inf"))
+        return cls(length, group, len(pad_lens), rows, mask[:, None, None])
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                       fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(hd) + mask) v and its fp32 log-normalizer: q [B, h, M, hd], k/v [B, h, L, hd],
+    mask additive [B or 1, 1, M or 1, L] -> ([B, h, M, hd], [B, h, M]). `fused`: the CPU flash kernel
+    (default on CPU), else plain matmuls in fp32 (any device)."""
+    if fused if fused is not None else q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
+        return out, lse
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
+
+
+def cascade_attention(q: torch.Tensor, cache: KVCache, kv_len: int, prefix: SharedPrefix) -> torch.Tensor:
+    """One decode query per live row, q [n, H, 1, hd], over its question's prompt (read once per question) and
+    its own generated slots [prefix.length, kv_len); the two softmax partials merged by their log-normalizers."""
+    n, heads, _, hd = q.shape
+    kv_heads = cache.k_cache.shape[1]
+    per_kv = heads // kv_heads
+    nq, g = prefix.questions, prefix.group
+    # the prompt part: all queries of a question (and of one kv head) attend together, as one block of rows
+    grouped = q.new_zeros(nq * g, heads, hd).index_copy_(0, prefix.rows, q[:, :, 0])
+    grouped = grouped.view(nq, g, kv_heads, per_kv, hd).transpose(1, 2).reshape(nq, kv_heads, g * per_kv, hd)
+    o1, l1 = attention_with_lse(grouped, cache.k_cache[:nq, :, :prefix.length], cache.v_cache[:nq, :, :prefix.length],
+                                prefix.mask)
+    o1 = o1.reshape(nq, kv_heads, g, per_kv, hd).transpose(1, 2).reshape(nq * g, heads, hd)[prefix.rows]
+    l1 = l1.reshape(nq, kv_heads, g, per_kv).transpose(1, 2).reshape(nq * g, heads)[prefix.rows]
+    # the generated part: each row's own slots, no padding inside them
+    o2, l2 = attention_with_lse(q.view(n, kv_heads, per_kv, hd), cache.k_cache[:n, :, prefix.length:kv_len],
+                                cache.v_cache[:n, :, prefix.length:kv_len])
+    o2, l2 = o2.reshape(n, heads, hd), l2.reshape(n, heads)
+    lse = torch.logaddexp(l1, l2)
+    y = o1.float() * (l1 - lse).exp()[..., None] + o2.float() * (l2 - lse).exp()[..., None]
+    return y.to(q.dtype)[:, :, None]
+
+
 class Attention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): num_key_value_heads k/v heads serve all q heads."""
 
@@ -281,7 +341,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-        input_pos: torch.Tensor | None, kv_len: int,
+        input_pos: torch.Tensor | None, kv_len: int, prefix: SharedPrefix | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output [B, T, hidden], q [B, H, T, hd], k [B, KV, T, hd]); q/k post-norm, post-RoPE."""
         batch, seq, _ = x.shape
@@ -298,7 +358,9 @@ class Attention(nn.Module):
             keys, values = self.kv_cache.update(input_pos, k, v, kv_len)
 
         groups = self.n_heads // self.n_kv_heads
-        if mask is None:
+        if prefix is not None:
+            y = cascade_attention(q, self.kv_cache, kv_len, prefix)
+        elif mask is None:
             # causal fast path: flash attention handles GQA natively
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=groups > 1)
         elif q.device.type == "cpu":
@@ -340,9 +402,9 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-        input_pos: torch.Tensor | None, kv_len: int,
+        input_pos: torch.Tensor | None, kv_len: int, prefix: SharedPrefix | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h, q, k = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
+        h, q, k = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len, prefix)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, q, k
@@ -436,6 +498,7 @@ class Transformer(nn.Module):
         logits_positions: torch.Tensor | None = None,
         compute_logits: bool = True,
         head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+        prefix: SharedPrefix | None = None,
     ) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, V] (or ModelOutput when output_hidden / output_last_qk).
 
@@ -451,6 +514,10 @@ class Transformer(nn.Module):
         head_fn(hidden, lm_head.weight), with compute_logits=False: applied inside forward in place of the
         full lm_head (e.g. log-probs over chunks, grpo.chunked_token_statistics); its result is
         ModelOutput.head_output. Inside forward, so FSDP2 / DDP see every use of the weights.
+
+        prefix: a decode step (T = 1, with input_pos) whose rows share prompts in the cache (SharedPrefix):
+        attention reads each prompt once per question instead of once per row (the rollout engine's GRPO
+        groups). pad_lens still gives each row's RoPE position.
         """
         batch, seq = tokens.shape
         device = tokens.device
@@ -475,8 +542,10 @@ class Transformer(nn.Module):
         if pad_lens is not None:
             positions = (positions - pad_lens[:, None]).clamp(min=0)  # [B, T]
 
+        if prefix is not None and not (cached and seq == 1):
+            raise ValueError("forward(prefix=...) is for one decode step: tokens [n, 1] and input_pos")
         mask = None  # None -> causal fast path (plain full-sequence forward)
-        if cached or pad_lens is not None:
+        if prefix is None and (cached or pad_lens is not None):
             key_slots = torch.arange(kv_len, device=device)
             own = query_slots[:, None]  # [T, 1]
             allowed = key_slots <= own  # [T, L]
@@ -491,9 +560,9 @@ class Transformer(nn.Module):
         q = k = None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x, q, k = checkpoint(layer, x, cos, sin, mask, input_pos, kv_len, use_reentrant=False)
+                x, q, k = checkpoint(layer, x, cos, sin, mask, input_pos, kv_len, prefix, use_reentrant=False)
             else:
-                x, q, k = layer(x, cos, sin, mask, input_pos, kv_len)
+                x, q, k = layer(x, cos, sin, mask, input_pos, kv_len, prefix)
         hidden = self.model.norm(x)
         if logits_positions is not None:
             hidden = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))

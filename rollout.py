@@ -1,5 +1,6 @@
-"""The rollout engine: batched prefill, one prefill per question shared by its G completions, a decode loop
-over a static KV cache reused across rollouts, and compaction of finished rows.
+"""The rollout engine: batched prefill, one prefill per question shared by its G completions (whose decode
+attention reads the shared prompt once per question: cascade attention), a decode loop over a static KV cache
+reused across rollouts, and compaction of finished rows.
 
 Sampling noise is keyed, never drawn from a stateful generator: the token at (row key, position) is chosen
 by inverse-CDF sampling with one uniform u = hash(key, position), where a row's key is a hash of (seed,
@@ -15,9 +16,11 @@ which call this module.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from qwen2_model import SharedPrefix
 
 MASK64 = (1 << 64) - 1
 
@@ -111,10 +114,15 @@ class _Rows:
 
 class RolloutEngine:
     """Owns a static KV cache for one model, reused across rollouts (reallocated only when a rollout needs
-    more rows or positions). `compact_frac`: compact the live batch once this fraction of it has finished."""
+    more rows or positions). `compact_frac`: compact the live batch once this fraction of it has finished.
+    `cascade`: the G rows of a question read its prompt's keys and values once, from the question's cache
+    row (qwen2_model.cascade_attention), instead of each row reading its own copy; None = on CPU only, the
+    one device where it has been measured (it halves decode attention time on the GRPO pattern)."""
 
-    def __init__(self, model: torch.nn.Module, compact_frac: float = 0.25, sync_every: int = 4):
+    def __init__(self, model: torch.nn.Module, compact_frac: float = 0.25, sync_every: int = 4,
+                 cascade: bool | None = None):
         self.model, self.compact_frac, self.sync_every = model, compact_frac, sync_every
+        self.cascade = cascade
         self.capacity = (0, 0)
 
     def _caches(self) -> list:
@@ -130,12 +138,13 @@ class RolloutEngine:
         self.model.clear_caches()
         self.capacity = (0, 0)
 
-    def _gather_rows(self, index: torch.Tensor) -> None:
-        """Cache rows [0, len(index)) <- rows `index` (expansion of shared prefixes, or compaction)."""
+    def _gather_rows(self, index: torch.Tensor, start: int) -> None:
+        """Cache rows [0, len(index)) <- rows `index`, slots from `start` on (compaction; the shared prompts
+        in slots before `start` stay where they are)."""
         n = index.numel()
         for cache in self._caches():
-            cache.k_cache[:n] = cache.k_cache[index]
-            cache.v_cache[:n] = cache.v_cache[index]
+            cache.k_cache[:n, :, start:] = cache.k_cache[index, :, start:]
+            cache.v_cache[:n, :, start:] = cache.v_cache[index, :, start:]
 
     def _prefill(self, prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Left-padded batched prefill of the distinct prompts: (last-position logits [Q, V], pad_lens [Q], P)."""
@@ -165,11 +174,10 @@ class RolloutEngine:
         self._ensure_cache(n, max(len(p) for p in prompts) + max_new_tokens)
         logits, pad_lens, width = self._prefill(prompts, device)
         expand = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
-        if group_size > 1:  # each question prefilled once; its cache rows copied to its G samples
-            self._gather_rows(expand)
-            logits = logits[expand]
         rows = _Rows(torch.arange(n, device=device), keys.to(device), pad_lens[expand],
                      torch.zeros(n, dtype=torch.bool, device=device))
+        prefix = self._share_prompts(pad_lens, width, expand, rows.ids) if group_size > 1 else None
+        logits = logits[expand]
         out = _Outputs(n, max_new_tokens, pad_token_id, device)
         eos = torch.tensor(list(eos_token_ids), device=device)
         for t in range(max_new_tokens):
@@ -177,13 +185,24 @@ class RolloutEngine:
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % self.sync_every == 0:  # a host sync every few tokens, not every token
-                rows = self._compact(rows)
+                rows = self._compact(rows, 0 if prefix is None else width)
                 if rows.ids.numel() == 0:
                     break
                 token = out.tokens[rows.ids, t]  # the live rows' last tokens, in their new order
+                if prefix is not None:
+                    prefix = replace(prefix, rows=rows.ids)
             logits = self.model(token[:, None], input_pos=torch.tensor([width + t], device=device),
-                                pad_lens=rows.pad_lens)[:, -1]
+                                pad_lens=rows.pad_lens, prefix=prefix)[:, -1]
         return out.result()
+
+    def _share_prompts(self, pad_lens: torch.Tensor, width: int, expand: torch.Tensor, ids: torch.Tensor
+                       ) -> SharedPrefix | None:
+        """Each question was prefilled once, in cache row q: its G rows read it there (cascade), or else
+        each row gets its own copy of it."""
+        if self.cascade if self.cascade is not None else pad_lens.device.type == "cpu":
+            return SharedPrefix.for_prompts(pad_lens, width, expand.numel() // pad_lens.numel(), ids)
+        self._gather_rows(expand, 0)
+        return None
 
     def _sample_step(self, logits: torch.Tensor, rows: _Rows, out: _Outputs, t: int, temperature: float,
                      top_p: float, eos: torch.Tensor) -> torch.Tensor:
@@ -201,14 +220,15 @@ class RolloutEngine:
         rows.done |= ended
         return token
 
-    def _compact(self, rows: _Rows) -> _Rows:
-        """Drop finished rows from the live batch (and the cache) once enough of them have finished."""
+    def _compact(self, rows: _Rows, start: int) -> _Rows:
+        """Drop finished rows from the live batch (and their cache slots from `start` on) once enough of them
+        have finished."""
         n_done = int(rows.done.sum())
         if n_done == 0 or n_done < self.compact_frac * rows.ids.numel() and n_done < rows.ids.numel():
             return rows
         keep = (~rows.done).nonzero().squeeze(-1)
         if keep.numel():
-            self._gather_rows(keep)
+            self._gather_rows(keep, start)
         return _Rows(rows.ids[keep], rows.keys[keep], rows.pad_lens[keep], rows.done[keep])
 
 

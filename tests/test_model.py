@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qwen2_model import CheckpointError, ModelConfig, ModelOutput, Transformer
+from qwen2_model import CheckpointError, ModelConfig, ModelOutput, SharedPrefix, Transformer, attention_with_lse
 
 transformers = pytest.importorskip("transformers")
 
@@ -199,6 +199,54 @@ def test_kv_cache_decode_matches_full_forward(model_type):
     assert not any("cache" in k for k in model.state_dict())
     with pytest.raises(RuntimeError, match="setup_caches"):
         model(padded, input_pos=torch.arange(width))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_with_lse_is_softmax_attention_and_its_log_normalizer(fused):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)
+    mask = torch.zeros(3, 1, 1, 7)
+    mask[1, ..., :4] = float("-inf")
+    out, lse = attention_with_lse(q, k, v, mask, fused=fused)
+    scores = q.double() @ k.double().transpose(-1, -2) / 8 ** 0.5 + mask.double()
+    assert max_diff(lse, torch.logsumexp(scores, -1)) < 1e-5
+    assert max_diff(out, torch.softmax(scores, -1) @ v.double()) < 1e-5
+
+
+@pytest.mark.parametrize("model_type,kv", [("qwen2", 1), ("qwen3", 2)])
+def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type, kv):
+    """Cascade attention: G rows per question read the prompt from the question's cache row; after rows are
+    dropped and reordered (slots past the prompt gathered, as the engine compacts), logits still equal a
+    full forward of prompt + that row's tokens."""
+    model = make_ours(model_type, num_key_value_heads=kv)
+    prompts = [torch.randint(1, VOCAB, (n,)) for n in PROMPT_LENS]
+    padded, pad_lens = left_pad(prompts)
+    group, width, steps = 3, padded.shape[1], 6
+    n = len(prompts) * group
+    model.setup_caches(max_batch_size=n, max_seq_len=width + steps)
+    caches = [layer.self_attn.kv_cache for layer in model.model.layers]
+    for cache in caches:  # a read of any slot never written (e.g. rows >= 3 below the prompt width) gives NaN
+        cache.k_cache.fill_(float("nan"))
+        cache.v_cache.fill_(float("nan"))
+    chosen = torch.randint(1, VOCAB, (n, steps))
+    rows = torch.arange(n)
+    with torch.no_grad():
+        model(padded, input_pos=torch.arange(width), pad_lens=pad_lens)
+        for t in range(steps):
+            if t == 3:  # drop question 1 entirely and row 0, reorder the rest
+                keep = torch.tensor([8, 1, 6, 2, 7])
+                for cache in caches:
+                    cache.k_cache[:len(keep), :, width:] = cache.k_cache[keep, :, width:].clone()
+                    cache.v_cache[:len(keep), :, width:] = cache.v_cache[keep, :, width:].clone()
+                rows = rows[keep]
+            prefix = SharedPrefix.for_prompts(pad_lens, width, group, rows)
+            step = model(chosen[rows, t:t + 1], input_pos=torch.tensor([width + t]), pad_lens=pad_lens[rows // group],
+                         prefix=prefix)
+            for i, r in enumerate(rows.tolist()):
+                full = model(torch.cat([prompts[r // group], chosen[r, :t + 1]])[None])[0, -1]
+                assert max_diff(step[i, 0], full) <= TOL
+        with pytest.raises(ValueError, match="one decode step"):
+            model(chosen[rows, :2], input_pos=torch.tensor([width, width + 1]), prefix=prefix)
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,8 +73,9 @@ def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens():
     m = model()
     shared = run(RolloutEngine(m, compact_frac=0.25, sync_every=1), PROMPTS, group=6)
     assert 0.3 < np.mean(shared.finished) < 1.0  # rows end at different times
-    # no compaction at all
+    # no compaction at all; each row reading its own copy of the prompt's cache instead of the shared one
     plain = run(RolloutEngine(m, compact_frac=2.0), PROMPTS, group=6)
+    copied = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, cascade=False), PROMPTS, group=6)
     # no prefix sharing: each prompt repeated 6 times, group size 1, same row keys
     engine = RolloutEngine(m)
     repeated = [p for p in PROMPTS for _ in range(6)]
@@ -83,9 +84,10 @@ def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens():
     # one question at a time, reusing the engine (and its larger cache) from the runs above
     single = [run(engine, [PROMPTS[q]], group=6, qids=[q]) for q in range(4)]
     single_tokens = [t for s in single for t in s.tokens]
-    for other in (plain.tokens, unshared.tokens, single_tokens):
+    for other in (plain.tokens, copied.tokens, unshared.tokens, single_tokens):
         assert other == shared.tokens
-    np.testing.assert_allclose(np.concatenate(plain.log_probs), np.concatenate(shared.log_probs), atol=1e-5)
+    for other in (plain, copied, unshared):
+        np.testing.assert_allclose(np.concatenate(other.log_probs), np.concatenate(shared.log_probs), atol=1e-5)
     # the samples of one question differ (keys are row identities, not content)
     assert len({tuple(t) for t in shared.tokens[:6]}) > 1
 
