@@ -262,16 +262,18 @@ class SharedPrefix:
     """Decode over prompts shared by groups of rows (cascade attention): the `group` rows of question q read
     that prompt's keys and values once for the group, from cache row q, slots [0, length), and their own
     generated ones from their own cache row, slots [length, ...). Rows stay in the cache rows [0, n) of the
-    live batch; `rows[i]` = q * group + j is live row i's identity (so compaction may reorder or drop rows)."""
+    live batch; `rows[i]` = q * group + j is live row i's identity (so compaction may reorder or drop rows),
+    None while all questions x group rows are live and in that order."""
 
     length: int  # prompt slots (the prefill's width)
     group: int  # rows per question
     questions: int
-    rows: torch.Tensor  # [n] identity q * group + j of each live row
+    rows: torch.Tensor | None  # [n] identity q * group + j of each live row; None = all, in order
     mask: torch.Tensor  # [questions, 1, 1, length] additive: -inf on each prompt's left padding
 
     @classmethod
-    def for_prompts(cls, pad_lens: torch.Tensor, length: int, group: int, rows: torch.Tensor) -> "SharedPrefix":
+    def for_prompts(cls, pad_lens: torch.Tensor, length: int, group: int, rows: torch.Tensor | None = None
+                    ) -> "SharedPrefix":
         """Prompts left-padded by pad_lens [questions] to `length` slots, in cache rows [0, questions)."""
         padding = torch.arange(length, device=pad_lens.device) < pad_lens[:, None]
         mask = torch.zeros(padding.shape, device=pad_lens.device).masked_fill(padding, float("-inf"))
@@ -302,19 +304,21 @@ def cascade_attention(q: torch.Tensor, cache: KVCache, kv_len: int, prefix: Shar
     per_kv = heads // kv_heads
     nq, g = prefix.questions, prefix.group
     # the prompt part: all queries of a question (and of one kv head) attend together, as one block of rows
-    grouped = q.new_zeros(nq * g, heads, hd).index_copy_(0, prefix.rows, q[:, :, 0])
+    every_row = prefix.rows is None  # no scatter or gather
+    grouped = q[:, :, 0] if every_row else q.new_zeros(nq * g, heads, hd).index_copy_(0, prefix.rows, q[:, :, 0])
     grouped = grouped.view(nq, g, kv_heads, per_kv, hd).transpose(1, 2).reshape(nq, kv_heads, g * per_kv, hd)
     o1, l1 = attention_with_lse(grouped, cache.k_cache[:nq, :, :prefix.length], cache.v_cache[:nq, :, :prefix.length],
                                 prefix.mask)
-    o1 = o1.reshape(nq, kv_heads, g, per_kv, hd).transpose(1, 2).reshape(nq * g, heads, hd)[prefix.rows]
-    l1 = l1.reshape(nq, kv_heads, g, per_kv).transpose(1, 2).reshape(nq * g, heads)[prefix.rows]
+    o1 = o1.reshape(nq, kv_heads, g, per_kv, hd).transpose(1, 2).reshape(nq * g, heads, hd)
+    l1 = l1.reshape(nq, kv_heads, g, per_kv).transpose(1, 2).reshape(nq * g, heads)
+    if not every_row:
+        o1, l1 = o1[prefix.rows], l1[prefix.rows]
     # the generated part: each row's own slots, no padding inside them
     o2, l2 = attention_with_lse(q.view(n, kv_heads, per_kv, hd), cache.k_cache[:n, :, prefix.length:kv_len],
                                 cache.v_cache[:n, :, prefix.length:kv_len])
-    o2, l2 = o2.reshape(n, heads, hd), l2.reshape(n, heads)
-    lse = torch.logaddexp(l1, l2)
-    y = o1.float() * (l1 - lse).exp()[..., None] + o2.float() * (l2 - lse).exp()[..., None]
-    return y.to(q.dtype)[:, :, None]
+    # softmax over both parts = o1 * e^l1 / (e^l1 + e^l2) + o2 * e^l2 / (e^l1 + e^l2)
+    prompt_share = torch.sigmoid(l1 - l2.reshape(n, heads))[..., None]
+    return torch.lerp(o2.reshape(n, heads, hd).float(), o1.float(), prompt_share).to(q.dtype)[:, :, None]
 
 
 class Attention(nn.Module):

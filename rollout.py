@@ -116,14 +116,31 @@ class RolloutEngine:
     """Owns a static KV cache for one model, reused across rollouts (reallocated only when a rollout needs
     more rows or positions). `compact_frac`: compact the live batch once this fraction of it has finished.
     `cascade`: the G rows of a question read its prompt's keys and values once, from the question's cache
-    row (qwen2_model.cascade_attention), instead of each row reading its own copy; None = on CPU only, the
-    one device where it has been measured (it halves decode attention time on the GRPO pattern)."""
+    row (qwen2_model.cascade_attention), instead of each row reading its own copy. None = where it was
+    measured to pay: on CPU, when it spares each row at least CASCADE_MIN_BYTES of prompt keys per layer
+    (it halves decode attention time on bench_rollout's GRPO pattern, and costs more ops than it saves on the
+    tiny default's ~20-token prompts). Not measured on a GPU, so off there unless asked for."""
+
+    CASCADE_MIN_BYTES = 8192  # the break-even measured on a 2-core CPU: ~40-token prompts at 2 x 32 kv dims
 
     def __init__(self, model: torch.nn.Module, compact_frac: float = 0.25, sync_every: int = 4,
                  cascade: bool | None = None):
         self.model, self.compact_frac, self.sync_every = model, compact_frac, sync_every
         self.cascade = cascade
         self.capacity = (0, 0)
+
+    def _share_prompts(self, pad_lens: torch.Tensor, width: int, group_size: int) -> SharedPrefix | None:
+        """Each question was prefilled once, in cache row q: its G rows read it there (cascade), or each row
+        gets its own copy of it (None)."""
+        if group_size == 1:
+            return None
+        cache = self._caches()[0]
+        slot_bytes = cache.k_cache.shape[1] * cache.k_cache.shape[3] * cache.k_cache.element_size()
+        pays = pad_lens.device.type == "cpu" and width * slot_bytes * (1 - 1 / group_size) >= self.CASCADE_MIN_BYTES
+        if self.cascade if self.cascade is not None else pays:
+            return SharedPrefix.for_prompts(pad_lens, width, group_size)
+        self._gather_rows(torch.arange(len(pad_lens), device=pad_lens.device).repeat_interleave(group_size), 0)
+        return None
 
     def _caches(self) -> list:
         return [layer.self_attn.kv_cache for layer in self.model.model.layers]
@@ -176,7 +193,7 @@ class RolloutEngine:
         expand = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
         rows = _Rows(torch.arange(n, device=device), keys.to(device), pad_lens[expand],
                      torch.zeros(n, dtype=torch.bool, device=device))
-        prefix = self._share_prompts(pad_lens, width, expand, rows.ids) if group_size > 1 else None
+        prefix = self._share_prompts(pad_lens, width, group_size)
         logits = logits[expand]
         out = _Outputs(n, max_new_tokens, pad_token_id, device)
         eos = torch.tensor(list(eos_token_ids), device=device)
@@ -185,24 +202,15 @@ class RolloutEngine:
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % self.sync_every == 0:  # a host sync every few tokens, not every token
-                rows = self._compact(rows, 0 if prefix is None else width)
-                if rows.ids.numel() == 0:
+                live = self._compact(rows, 0 if prefix is None else width)
+                if live.ids.numel() == 0:
                     break
-                token = out.tokens[rows.ids, t]  # the live rows' last tokens, in their new order
-                if prefix is not None:
-                    prefix = replace(prefix, rows=rows.ids)
+                if live is not rows:
+                    rows, token = live, out.tokens[live.ids, t]  # the live rows' last tokens, in their new order
+                    prefix = None if prefix is None else replace(prefix, rows=rows.ids)
             logits = self.model(token[:, None], input_pos=torch.tensor([width + t], device=device),
                                 pad_lens=rows.pad_lens, prefix=prefix)[:, -1]
         return out.result()
-
-    def _share_prompts(self, pad_lens: torch.Tensor, width: int, expand: torch.Tensor, ids: torch.Tensor
-                       ) -> SharedPrefix | None:
-        """Each question was prefilled once, in cache row q: its G rows read it there (cascade), or else
-        each row gets its own copy of it."""
-        if self.cascade if self.cascade is not None else pad_lens.device.type == "cpu":
-            return SharedPrefix.for_prompts(pad_lens, width, expand.numel() // pad_lens.numel(), ids)
-        self._gather_rows(expand, 0)
-        return None
 
     def _sample_step(self, logits: torch.Tensor, rows: _Rows, out: _Outputs, t: int, temperature: float,
                      top_p: float, eos: torch.Tensor) -> torch.Tensor:

@@ -239,7 +239,8 @@ def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type
                     cache.k_cache[:len(keep), :, width:] = cache.k_cache[keep, :, width:].clone()
                     cache.v_cache[:len(keep), :, width:] = cache.v_cache[keep, :, width:].clone()
                 rows = rows[keep]
-            prefix = SharedPrefix.for_prompts(pad_lens, width, group, rows)
+            # rows None: every row live and in order (the engine's state before its first compaction)
+            prefix = SharedPrefix.for_prompts(pad_lens, width, group, rows if len(rows) < n else None)
             step = model(chosen[rows, t:t + 1], input_pos=torch.tensor([width + t]), pad_lens=pad_lens[rows // group],
                          prefix=prefix)
             for i, r in enumerate(rows.tolist()):

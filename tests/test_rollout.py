@@ -71,7 +71,7 @@ def run(engine, prompts, group, stream=11, max_new=24, temperature=1.0, qids=Non
 
 def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens():
     m = model()
-    shared = run(RolloutEngine(m, compact_frac=0.25, sync_every=1), PROMPTS, group=6)
+    shared = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, cascade=True), PROMPTS, group=6)
     assert 0.3 < np.mean(shared.finished) < 1.0  # rows end at different times
     # no compaction at all; each row reading its own copy of the prompt's cache instead of the shared one
     plain = run(RolloutEngine(m, compact_frac=2.0), PROMPTS, group=6)
@@ -94,7 +94,7 @@ def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens():
 
 def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction():
     m = model()
-    out = run(RolloutEngine(m, compact_frac=0.1, sync_every=1), PROMPTS, group=5)
+    out = run(RolloutEngine(m, compact_frac=0.1, sync_every=1, cascade=True), PROMPTS, group=5)
     prompts = [p for p in PROMPTS for _ in range(5)]
     episodes = [Episode(prompt="", prompt_token_ids=p, generated_token_ids=g, text="", reward=0.0, reward_info={},
                         finished=f, group_idx=0) for p, g, f in zip(prompts, out.tokens, out.finished)]
@@ -111,7 +111,7 @@ def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction():
 
 def test_greedy_with_shared_prefixes_is_the_argmax_of_the_full_forward():
     m = model()
-    out = run(RolloutEngine(m), PROMPTS, group=3, temperature=0.0, max_new=10)
+    out = run(RolloutEngine(m, cascade=True), PROMPTS, group=3, temperature=0.0, max_new=10)
     for r, tokens in enumerate(out.tokens):
         seq = list(PROMPTS[r // 3])
         for tok in tokens:
