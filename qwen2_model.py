@@ -557,7 +557,9 @@ class Transformer(nn.Module):
                 allowed = allowed & (key_slots >= pad_lens[:, None, None])  # [B, T, L]
                 # a padding query has no valid key; letting it see itself keeps softmax (and then V) NaN-free
                 allowed = allowed | (key_slots == own)
-            mask = allowed.view(-1, 1, seq, kv_len)
+            # additive, in the model's dtype: SDPA would otherwise convert a boolean mask again in every layer
+            mask = torch.zeros(allowed.shape, dtype=self.model.embed_tokens.weight.dtype, device=device)
+            mask = mask.masked_fill_(~allowed, float("-inf")).view(-1, 1, seq, kv_len)
 
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary_emb(positions, x.dtype)
