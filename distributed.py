@@ -82,6 +82,8 @@ def local_device(device: torch.device, d: Dist) -> torch.device:
 
 def shutdown(d: Dist) -> None:
     if d.enabled and tdist.is_initialized():
+        # every rank arrives first: tearing gloo down while a peer still saves or gathers can abort a rank
+        tdist.barrier()
         tdist.destroy_process_group()
 
 

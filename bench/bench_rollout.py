@@ -2,11 +2,13 @@
 weights and prompts, side by side in one run, so the ratio is the number to read.
 
     python bench/bench_rollout.py --shape small [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
+                                  [--cascade auto|on|off]
 
 Two workloads, both sampling at temperature 1 with no early stop for either side (the end token is an id outside
 the vocabulary, so both generate every token):
 - distinct: 32 distinct prompts of 20-60 tokens, 96 new tokens each;
-- grpo: GRPO's pattern, 16 questions x 8 answers; ours prefills each question once and shares its cache,
+- grpo: GRPO's pattern, 16 questions x 8 answers; ours prefills each question once and its 8 rows read that
+  prompt's cache once per question in decode (cascade attention; `--cascade off`: each row reads its own copy),
   the reference gets the 128 rows (each prompt repeated 8 times), as a user of `generate` would pass them.
 On CUDA it also reports decode's achieved memory bandwidth (weight bytes x decode steps / time) against the
 device's peak. Prints a table, then one JSON line with every figure.
@@ -60,8 +62,8 @@ def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
     return best[0], best[1]
 
 
-def ours_run(model, prompts: list[list[int]], group: int, new_tokens: int, never: int):
-    engine = RolloutEngine(model)
+def ours_run(model, prompts: list[list[int]], group: int, new_tokens: int, never: int, cascade: bool | None = None):
+    engine = RolloutEngine(model, cascade=cascade)
     keys = row_keys(stream_key(0), [q for q in range(len(prompts)) for _ in range(group)],
                     [j for _ in prompts for j in range(group)])
 
@@ -96,6 +98,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new_tokens", type=int, default=96)
+    p.add_argument("--cascade", default="auto", choices=["auto", "on", "off"],
+                   help="shared-prompt (cascade) attention in our engine: auto = the engine's own choice")
     p.add_argument("--peak_gbps", type=float, default=None, help="device memory bandwidth for the fraction (CUDA)")
     args = p.parse_args()
     import transformers
@@ -115,12 +119,14 @@ def main() -> None:
     questions = distinct[:16]
     results: dict[str, object] = {"shape": args.shape, "device": str(device), "dtype": args.dtype,
                                   "torch": torch.__version__, "transformers": transformers.__version__,
-                                  "threads": torch.get_num_threads(), "new_tokens": args.new_tokens}
+                                  "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
+                                  "cascade": args.cascade}
     rows = []
     for name, prompts, group in (("distinct", distinct, 1), ("grpo", questions, 8)):
         n_tokens = len(prompts) * group * args.new_tokens
         with torch.no_grad():
-            t_ours, t_ref = timed_pair(ours_run(ours, prompts, group, args.new_tokens, never),
+            cascade = {"auto": None, "on": True, "off": False}[args.cascade]
+            t_ours, t_ref = timed_pair(ours_run(ours, prompts, group, args.new_tokens, never, cascade),
                                        reference_run(ref, prompts, group, args.new_tokens, never, device),
                                        args.repeats, sync)
         results[name] = {"ours_tokens_per_s": n_tokens / t_ours, "reference_tokens_per_s": n_tokens / t_ref,
