@@ -27,6 +27,7 @@ class ModelSettings:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (cuda when available)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    compile_decode: Optional[bool] = None  # the rollout's decode step via torch.compile / CUDA graphs; null = on CUDA
     build_tiny: bool = False  # build the built-in tiny model at `path` when it is missing
 
 

@@ -503,6 +503,7 @@ class Transformer(nn.Module):
         compute_logits: bool = True,
         head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
         prefix: SharedPrefix | None = None,
+        kv_len: int | None = None,
     ) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, V] (or ModelOutput when output_hidden / output_last_qk).
 
@@ -519,6 +520,9 @@ class Transformer(nn.Module):
         full lm_head (e.g. log-probs over chunks, grpo.chunked_token_statistics); its result is
         ModelOutput.head_output. Inside forward, so FSDP2 / DDP see every use of the weights.
 
+        kv_len: with input_pos, attend over cache slots [0, kv_len) (default input_pos.max() + 1, a host sync);
+        a compiled decode step passes a fixed length, so the step has static shapes and no sync.
+
         prefix: a decode step (T = 1, with input_pos) whose rows share prompts in the cache (SharedPrefix):
         attention reads each prompt once per question instead of once per row (the rollout engine's GRPO
         groups). pad_lens still gives each row's RoPE position.
@@ -530,7 +534,8 @@ class Transformer(nn.Module):
             cache = self.model.layers[0].self_attn.kv_cache
             if cache is None:
                 raise RuntimeError("forward(input_pos=...) needs the KV cache: call setup_caches() first")
-            kv_len = int(input_pos.max()) + 1  # one host sync per step buys attention over kv_len, not max_seq_len
+            if kv_len is None:  # one host sync per step buys attention over kv_len, not max_seq_len
+                kv_len = int(input_pos.max()) + 1
             max_batch, _, max_len, _ = cache.k_cache.shape
             if batch > max_batch or kv_len > max_len:
                 raise ValueError(

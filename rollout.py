@@ -15,6 +15,7 @@ which call this module.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -125,15 +126,36 @@ class RolloutEngine:
     row (qwen2_model.cascade_attention), instead of each row reading its own copy. None = where it was
     measured to pay: on CPU, when it spares each row at least CASCADE_MIN_BYTES of prompt keys per layer
     (it halves decode attention time on bench_rollout's GRPO pattern, and costs more ops than it saves on the
-    tiny default's ~20-token prompts). Not measured on a GPU, so off there unless asked for."""
+    tiny default's ~20-token prompts). Not measured on a GPU, so off there unless asked for.
+    `compile`: the decode step through torch.compile (CUDA graphs on CUDA: mode "reduce-overhead"), with
+    static shapes: attention over the whole cache, live rows compacted to powers of two. None = on CUDA, where
+    per-kernel launch cost dominates a decode step (on this project's CPU it did not pay). Any failure to
+    compile or run it falls back to the eager step, with a warning. Excludes cascade attention."""
 
     CASCADE_MIN_BYTES = 8192  # the break-even measured on a 2-core CPU: ~40-token prompts at 2 x 32 kv dims
 
     def __init__(self, model: torch.nn.Module, compact_frac: float = 0.25, sync_every: int = 4,
-                 cascade: bool | None = None):
+                 cascade: bool | None = None, compile: bool | None = None):
         self.model, self.compact_frac, self.sync_every = model, compact_frac, sync_every
         self.cascade = cascade
         self.capacity = (0, 0)
+        device = next(model.parameters()).device
+        self._compiled = None
+        if compile if compile is not None else device.type == "cuda":
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self._compiled = torch.compile(_decode_step, mode=mode, fullgraph=True)
+
+    def _decode(self, token: torch.Tensor, slot: int, pad_lens: torch.Tensor, prefix: SharedPrefix | None
+                ) -> torch.Tensor:
+        """Logits [n, V] of the next position for the live rows' last tokens [n], written at cache `slot`."""
+        pos = torch.tensor([slot], device=token.device)
+        if self._compiled is not None:
+            try:
+                return self._compiled(self.model, token, pos, pad_lens, self.capacity[1])
+            except Exception as err:  # a backend or device that cannot compile this step: eager from here on
+                warnings.warn(f"compiled decode step failed ({type(err).__name__}: {err}); decoding eagerly")
+                self._compiled = None
+        return self.model(token[:, None], input_pos=pos, pad_lens=pad_lens, prefix=prefix)[:, -1]
 
     def _share_prompts(self, pad_lens: torch.Tensor, width: int, group_size: int) -> SharedPrefix | None:
         """Each question was prefilled once, in cache row q: its G rows read it there (cascade), or each row
@@ -143,7 +165,7 @@ class RolloutEngine:
         cache = self._caches()[0]
         slot_bytes = cache.k_cache.shape[1] * cache.k_cache.shape[3] * cache.k_cache.element_size()
         pays = pad_lens.device.type == "cpu" and width * slot_bytes * (1 - 1 / group_size) >= self.CASCADE_MIN_BYTES
-        if self.cascade if self.cascade is not None else pays:
+        if self._compiled is None and (self.cascade if self.cascade is not None else pays):
             return SharedPrefix.for_prompts(pad_lens, width, group_size)
         self._gather_rows(torch.arange(len(pad_lens), device=pad_lens.device).repeat_interleave(group_size), 0)
         return None
@@ -214,8 +236,7 @@ class RolloutEngine:
                 if live is not rows:
                     rows, token = live, out.tokens[live.ids, t]  # the live rows' last tokens, in their new order
                     prefix = None if prefix is None else replace(prefix, rows=rows.ids)
-            logits = self.model(token[:, None], input_pos=torch.tensor([width + t], device=device),
-                                pad_lens=rows.pad_lens, prefix=prefix)[:, -1]
+            logits = self._decode(token, width + t, rows.pad_lens, prefix)
         return out.result()
 
     def _sample_step(self, logits: torch.Tensor, rows: _Rows, out: _Outputs, t: int, temperature: float,
@@ -237,13 +258,24 @@ class RolloutEngine:
     def _compact(self, rows: _Rows, start: int) -> _Rows:
         """Drop finished rows from the live batch (and their cache slots from `start` on) once enough of them
         have finished."""
-        n_done = int(rows.done.sum())
-        if n_done == 0 or n_done < self.compact_frac * rows.ids.numel() and n_done < rows.ids.numel():
+        n, n_done = rows.ids.numel(), int(rows.done.sum())
+        if n_done == 0 or n_done < self.compact_frac * n and n_done < n:
             return rows
         keep = (~rows.done).nonzero().squeeze(-1)
+        if self._compiled is not None and keep.numel():  # batch sizes in powers of two: few shapes to capture
+            size = 1 << (keep.numel() - 1).bit_length()
+            if size >= n:
+                return rows
+            keep = torch.cat([keep, rows.done.nonzero().squeeze(-1)[: size - keep.numel()]])  # finished fillers
         if keep.numel():
             self._gather_rows(keep, start)
         return _Rows(rows.ids[keep], rows.uniforms[keep], rows.pad_lens[keep], rows.done[keep])
+
+
+def _decode_step(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, pad_lens: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+    """The step RolloutEngine compiles: static shapes (attention over kv_len = the whole cache), no host sync."""
+    return model(token[:, None], input_pos=pos, pad_lens=pad_lens, kv_len=kv_len)[:, -1]
 
 
 class _Outputs:
