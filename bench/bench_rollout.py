@@ -2,7 +2,7 @@
 weights and prompts, side by side in one run, so the ratio is the number to read.
 
     python bench/bench_rollout.py --shape small [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
-                                  [--cascade auto|on|off]
+                                  [--cascade auto|on|off] [--compile auto|on|off]
 
 Two workloads, both sampling at temperature 1 with no early stop for either side (the end token is an id outside
 the vocabulary, so both generate every token):
@@ -62,8 +62,9 @@ def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
     return best[0], best[1]
 
 
-def ours_run(model, prompts: list[list[int]], group: int, new_tokens: int, never: int, cascade: bool | None = None):
-    engine = RolloutEngine(model, cascade=cascade)
+def ours_run(model, prompts: list[list[int]], group: int, new_tokens: int, never: int, cascade: bool | None = None,
+             compile: bool | None = None):
+    engine = RolloutEngine(model, cascade=cascade, compile=compile)
     keys = row_keys(stream_key(0), [q for q in range(len(prompts)) for _ in range(group)],
                     [j for _ in prompts for j in range(group)])
 
@@ -100,6 +101,8 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=96)
     p.add_argument("--cascade", default="auto", choices=["auto", "on", "off"],
                    help="shared-prompt (cascade) attention in our engine: auto = the engine's own choice")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="our decode step via torch.compile (CUDA graphs on CUDA): auto = the engine's own choice")
     p.add_argument("--peak_gbps", type=float, default=None, help="device memory bandwidth for the fraction (CUDA)")
     args = p.parse_args()
     import transformers
@@ -120,15 +123,16 @@ def main() -> None:
     results: dict[str, object] = {"shape": args.shape, "device": str(device), "dtype": args.dtype,
                                   "torch": torch.__version__, "transformers": transformers.__version__,
                                   "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
-                                  "cascade": args.cascade}
+                                  "cascade": args.cascade, "compile": args.compile}
     rows = []
     for name, prompts, group in (("distinct", distinct, 1), ("grpo", questions, 8)):
         n_tokens = len(prompts) * group * args.new_tokens
         with torch.no_grad():
-            cascade = {"auto": None, "on": True, "off": False}[args.cascade]
-            t_ours, t_ref = timed_pair(ours_run(ours, prompts, group, args.new_tokens, never, cascade),
-                                       reference_run(ref, prompts, group, args.new_tokens, never, device),
-                                       args.repeats, sync)
+            choice = {"auto": None, "on": True, "off": False}
+            go = ours_run(ours, prompts, group, args.new_tokens, never, choice[args.cascade], choice[args.compile])
+            ref_go = reference_run(ref, prompts, group, args.new_tokens, never, device)
+            go(), ref_go()  # warm-up for both (and the compile, when compiled) before anything is timed
+            t_ours, t_ref = timed_pair(go, ref_go, args.repeats, sync)
         results[name] = {"ours_tokens_per_s": n_tokens / t_ours, "reference_tokens_per_s": n_tokens / t_ref,
                          "ratio": t_ref / t_ours, "rows": len(prompts) * group}
         rows.append((name, len(prompts) * group, n_tokens / t_ours, n_tokens / t_ref, t_ref / t_ours))
