@@ -257,6 +257,11 @@ class KVCache(nn.Module):
         return self.k_cache[:batch, :, :kv_len], self.v_cache[:batch, :, :kv_len]
 
 
+def additive_mask(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask to add to the scores: 0 where allowed, -inf where `blocked`."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
+
+
 @dataclass
 class SharedPrefix:
     """Decode over prompts shared by groups of rows (cascade attention): the `group` rows of question q read
@@ -276,8 +281,7 @@ class SharedPrefix:
                     ) -> "SharedPrefix":
         """Prompts left-padded by pad_lens [questions] to `length` slots, in cache rows [0, questions)."""
         padding = torch.arange(length, device=pad_lens.device) < pad_lens[:, None]
-        mask = torch.zeros(padding.shape, device=pad_lens.device).masked_fill(padding, float("-inf"))
-        return cls(length, group, len(pad_lens), rows, mask[:, None, None])
+        return cls(length, group, len(pad_lens), rows, additive_mask(padding, torch.float32)[:, None, None])
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -296,9 +300,11 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
 
 
-def cascade_attention(q: torch.Tensor, cache: KVCache, kv_len: int, prefix: SharedPrefix) -> torch.Tensor:
+def cascade_attention(q: torch.Tensor, cache: KVCache, kv_len: int, prefix: SharedPrefix,
+                      generated_mask: torch.Tensor) -> torch.Tensor:
     """One decode query per live row, q [n, H, 1, hd], over its question's prompt (read once per question) and
-    its own generated slots [prefix.length, kv_len); the two softmax partials merged by their log-normalizers."""
+    its own generated slots [prefix.length, kv_len) (additive generated_mask [1, 1, 1, kv_len - length]: -inf
+    past the row's own slot); the two softmax partials merged by their log-normalizers."""
     n, heads, _, hd = q.shape
     kv_heads = cache.k_cache.shape[1]
     per_kv = heads // kv_heads
@@ -315,7 +321,7 @@ def cascade_attention(q: torch.Tensor, cache: KVCache, kv_len: int, prefix: Shar
         o1, l1 = o1[prefix.rows], l1[prefix.rows]
     # the generated part: each row's own slots, no padding inside them
     o2, l2 = attention_with_lse(q.view(n, kv_heads, per_kv, hd), cache.k_cache[:n, :, prefix.length:kv_len],
-                                cache.v_cache[:n, :, prefix.length:kv_len])
+                                cache.v_cache[:n, :, prefix.length:kv_len], generated_mask)
     # softmax over both parts = o1 * e^l1 / (e^l1 + e^l2) + o2 * e^l2 / (e^l1 + e^l2)
     prompt_share = torch.sigmoid(l1 - l2.reshape(n, heads))[..., None]
     return torch.lerp(o2.reshape(n, heads, hd).float(), o1.float(), prompt_share).to(q.dtype)[:, :, None]
@@ -363,7 +369,7 @@ class Attention(nn.Module):
 
         groups = self.n_heads // self.n_kv_heads
         if prefix is not None:
-            y = cascade_attention(q, self.kv_cache, kv_len, prefix)
+            y = cascade_attention(q, self.kv_cache, kv_len, prefix, mask)
         elif mask is None:
             # causal fast path: flash attention handles GQA natively
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=groups > 1)
@@ -554,7 +560,10 @@ class Transformer(nn.Module):
         if prefix is not None and not (cached and seq == 1):
             raise ValueError("forward(prefix=...) is for one decode step: tokens [n, 1] and input_pos")
         mask = None  # None -> causal fast path (plain full-sequence forward)
-        if prefix is None and (cached or pad_lens is not None):
+        if prefix is not None:  # the cascade's mask over generated slots: none past the new token's own slot
+            later = torch.arange(prefix.length, kv_len, device=device) > input_pos
+            mask = additive_mask(later, self.model.embed_tokens.weight.dtype).view(1, 1, 1, -1)
+        elif cached or pad_lens is not None:
             key_slots = torch.arange(kv_len, device=device)
             own = query_slots[:, None]  # [T, 1]
             allowed = key_slots <= own  # [T, L]
@@ -563,8 +572,7 @@ class Transformer(nn.Module):
                 # a padding query has no valid key; letting it see itself keeps softmax (and then V) NaN-free
                 allowed = allowed | (key_slots == own)
             # additive, in the model's dtype: SDPA would otherwise convert a boolean mask again in every layer
-            mask = torch.zeros(allowed.shape, dtype=self.model.embed_tokens.weight.dtype, device=device)
-            mask = mask.masked_fill_(~allowed, float("-inf")).view(-1, 1, seq, kv_len)
+            mask = additive_mask(~allowed, self.model.embed_tokens.weight.dtype).view(-1, 1, seq, kv_len)
 
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary_emb(positions, x.dtype)

@@ -127,10 +127,11 @@ class RolloutEngine:
     measured to pay: on CPU, when it spares each row at least CASCADE_MIN_BYTES of prompt keys per layer
     (it halves decode attention time on bench_rollout's GRPO pattern, and costs more ops than it saves on the
     tiny default's ~20-token prompts). Not measured on a GPU, so off there unless asked for.
-    `compile`: the decode step through torch.compile (CUDA graphs on CUDA: mode "reduce-overhead"), with
-    static shapes: attention over the whole cache, live rows compacted to powers of two. None = on CUDA, where
-    per-kernel launch cost dominates a decode step (on this project's CPU it did not pay). Any failure to
-    compile or run it falls back to the eager step, with a warning. Excludes cascade attention."""
+    `compile`: the decode step through torch.compile, live rows compacted to powers of two (few shapes). On
+    CUDA as CUDA graphs (mode "reduce-overhead"), whose fixed shapes attend over the whole cache; elsewhere
+    over the slots written so far. None = on CUDA only, where per-kernel launch cost dominates a decode step
+    (on CPU it is opt-in: ~10% faster on bench_rollout's small shape, after a compile of several seconds
+    per process). Any failure to compile or run it falls back to the eager step, with a warning."""
 
     CASCADE_MIN_BYTES = 8192  # the break-even measured on a 2-core CPU: ~40-token prompts at 2 x 32 kv dims
 
@@ -150,12 +151,15 @@ class RolloutEngine:
         """Logits [n, V] of the next position for the live rows' last tokens [n], written at cache `slot`."""
         pos = torch.tensor([slot], device=token.device)
         if self._compiled is not None:
+            # CUDA graphs replay fixed shapes: attend over the whole cache there; elsewhere up to this slot
+            kv_len = self.capacity[1] if token.device.type == "cuda" else slot + 1
             try:
-                return self._compiled(self.model, token, pos, pad_lens, self.capacity[1])
+                return self._compiled(self.model, token, pos, pad_lens, kv_len, prefix)
             except Exception as err:  # a backend or device that cannot compile this step: eager from here on
                 warnings.warn(f"compiled decode step failed ({type(err).__name__}: {err}); decoding eagerly")
                 self._compiled = None
-        return self.model(token[:, None], input_pos=pos, pad_lens=pad_lens, prefix=prefix)[:, -1]
+        # the slot is known here, so the model need not read it back from the device (a host sync)
+        return _decode_step(self.model, token, pos, pad_lens, slot + 1, prefix)
 
     def _share_prompts(self, pad_lens: torch.Tensor, width: int, group_size: int) -> SharedPrefix | None:
         """Each question was prefilled once, in cache row q: its G rows read it there (cascade), or each row
@@ -165,7 +169,7 @@ class RolloutEngine:
         cache = self._caches()[0]
         slot_bytes = cache.k_cache.shape[1] * cache.k_cache.shape[3] * cache.k_cache.element_size()
         pays = pad_lens.device.type == "cpu" and width * slot_bytes * (1 - 1 / group_size) >= self.CASCADE_MIN_BYTES
-        if self._compiled is None and (self.cascade if self.cascade is not None else pays):
+        if self.cascade if self.cascade is not None else pays:
             return SharedPrefix.for_prompts(pad_lens, width, group_size)
         self._gather_rows(torch.arange(len(pad_lens), device=pad_lens.device).repeat_interleave(group_size), 0)
         return None
@@ -273,9 +277,9 @@ class RolloutEngine:
 
 
 def _decode_step(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, pad_lens: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
-    """The step RolloutEngine compiles: static shapes (attention over kv_len = the whole cache), no host sync."""
-    return model(token[:, None], input_pos=pos, pad_lens=pad_lens, kv_len=kv_len)[:, -1]
+                 kv_len: int, prefix: SharedPrefix | None) -> torch.Tensor:
+    """One decode step, no host sync: the eager step, and the one RolloutEngine compiles."""
+    return model(token[:, None], input_pos=pos, pad_lens=pad_lens, kv_len=kv_len, prefix=prefix)[:, -1]
 
 
 class _Outputs:

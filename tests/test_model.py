@@ -168,8 +168,10 @@ def test_pad_lens_forward_equals_unpadded(model_type):
             assert max_diff(out.last_k[b, :, pad_lens[b]:], alone.last_k[0]) <= TOL
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
-def test_kv_cache_decode_matches_full_forward(model_type):
+@pytest.mark.parametrize("model_type,static", [("qwen2", False), ("qwen3", False), ("qwen3", True)])
+def test_kv_cache_decode_matches_full_forward(model_type, static):
+    """static: every decode step attends over the whole cache (a fixed kv_len, as a compiled / CUDA-graph step
+    does), so the slots not yet written, filled with garbage here, must be masked."""
     model = make_ours(model_type, num_key_value_heads=1 if model_type == "qwen2" else 2)
     prompts = [torch.randint(1, VOCAB, (n,)) for n in PROMPT_LENS]
     padded, pad_lens = left_pad(prompts)
@@ -178,8 +180,8 @@ def test_kv_cache_decode_matches_full_forward(model_type):
     for layer in model.model.layers:  # any read of a slot never written would turn logits into NaN
         cfg = model.config
         assert layer.self_attn.kv_cache.k_cache.shape == (4, cfg.num_key_value_heads, width + steps + 10, cfg.head_dim)
-        layer.self_attn.kv_cache.k_cache.fill_(float("nan"))
-        layer.self_attn.kv_cache.v_cache.fill_(float("nan"))
+        layer.self_attn.kv_cache.k_cache.fill_(1e4 if static else float("nan"))
+        layer.self_attn.kv_cache.v_cache.fill_(1e4 if static else float("nan"))
 
     chosen = torch.randint(1, VOCAB, (3, steps))
     with torch.no_grad():
@@ -188,7 +190,8 @@ def test_kv_cache_decode_matches_full_forward(model_type):
         for b, prompt in enumerate(prompts):
             assert max_diff(logits[b, pad_lens[b]:], model(prompt[None])[0]) <= TOL
         for t in range(steps):
-            step_logits = model(chosen[:, t:t + 1], input_pos=torch.tensor([width + t]), pad_lens=pad_lens)
+            step_logits = model(chosen[:, t:t + 1], input_pos=torch.tensor([width + t]), pad_lens=pad_lens,
+                                kv_len=width + steps + 10 if static else None)
             assert step_logits.shape == (3, 1, VOCAB)
             for b, prompt in enumerate(prompts):
                 full = model(torch.cat([prompt, chosen[b, :t + 1]])[None])[0, -1]
@@ -213,11 +216,12 @@ def test_attention_with_lse_is_softmax_attention_and_its_log_normalizer(fused):
     assert max_diff(out, torch.softmax(scores, -1) @ v.double()) < 1e-5
 
 
-@pytest.mark.parametrize("model_type,kv", [("qwen2", 1), ("qwen3", 2)])
-def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type, kv):
+@pytest.mark.parametrize("model_type,kv,static", [("qwen2", 1, False), ("qwen3", 2, False), ("qwen3", 2, True)])
+def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type, kv, static):
     """Cascade attention: G rows per question read the prompt from the question's cache row; after rows are
     dropped and reordered (slots past the prompt gathered, as the engine compacts), logits still equal a
-    full forward of prompt + that row's tokens."""
+    full forward of prompt + that row's tokens. static: attention over the whole cache (kv_len fixed, as a
+    compiled step does), so slots not yet written must be masked."""
     model = make_ours(model_type, num_key_value_heads=kv)
     prompts = [torch.randint(1, VOCAB, (n,)) for n in PROMPT_LENS]
     padded, pad_lens = left_pad(prompts)
@@ -225,9 +229,10 @@ def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type
     n = len(prompts) * group
     model.setup_caches(max_batch_size=n, max_seq_len=width + steps)
     caches = [layer.self_attn.kv_cache for layer in model.model.layers]
-    for cache in caches:  # a read of any slot never written (e.g. rows >= 3 below the prompt width) gives NaN
-        cache.k_cache.fill_(float("nan"))
-        cache.v_cache.fill_(float("nan"))
+    for cache in caches:  # a read of any slot never written (e.g. rows >= 3 below the prompt width) gives NaN;
+        # with a static length the unwritten slots are read by design (masked): large garbage, not NaN (0 x NaN)
+        cache.k_cache.fill_(1e4 if static else float("nan"))
+        cache.v_cache.fill_(1e4 if static else float("nan"))
     chosen = torch.randint(1, VOCAB, (n, steps))
     rows = torch.arange(n)
     with torch.no_grad():
@@ -242,7 +247,7 @@ def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type
             # rows None: every row live and in order (the engine's state before its first compaction)
             prefix = SharedPrefix.for_prompts(pad_lens, width, group, rows if len(rows) < n else None)
             step = model(chosen[rows, t:t + 1], input_pos=torch.tensor([width + t]), pad_lens=pad_lens[rows // group],
-                         prefix=prefix)
+                         prefix=prefix, kv_len=width + steps if static else None)
             for i, r in enumerate(rows.tolist()):
                 full = model(torch.cat([prompts[r // group], chosen[r, :t + 1]])[None])[0, -1]
                 assert max_diff(step[i, 0], full) <= TOL

@@ -154,12 +154,13 @@ def test_rollout_episodes_do_not_depend_on_the_batch_size():
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_samples_the_same_tokens_as_eager():
-    """torch.compile'd decode (static shapes: attention over the whole cache, batch compacted to powers of two
-    with finished rows as fillers) gives the eager engine's tokens and log-probs."""
+@pytest.mark.parametrize("cascade", [False, True])
+def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade):
+    """torch.compile'd decode (batch compacted to powers of two with finished rows as fillers), with and
+    without cascade attention, gives the eager engine's tokens and log-probs."""
     m = model()
     eager = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=False), PROMPTS, group=6)
-    engine = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=True)
+    engine = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=True, cascade=cascade)
     compiled = run(engine, PROMPTS, group=6)
     assert engine._compiled is not None  # it ran compiled, no fallback
     assert 0.3 < np.mean(eager.finished) < 1.0  # rows end at different times: the batch was compacted
