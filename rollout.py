@@ -146,20 +146,22 @@ class RolloutEngine:
             mode = "reduce-overhead" if device.type == "cuda" else "default"
             self._compiled = torch.compile(_decode_step, mode=mode, fullgraph=True)
 
-    def _decode(self, token: torch.Tensor, slot: int, pad_lens: torch.Tensor, prefix: SharedPrefix | None
-                ) -> torch.Tensor:
-        """Logits [n, V] of the next position for the live rows' last tokens [n], written at cache `slot`."""
+    def _decode(self, token: torch.Tensor, slot: int, rows: _Rows, prefix: SharedPrefix | None, t: int,
+                temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The live rows' last tokens [n] through the model (written at cache `slot`), then position t sampled:
+        (token, log-prob, entropy) [n] each."""
         pos = torch.tensor([slot], device=token.device)
+        sampling = (rows.uniforms[:, t], temperature, top_p)
         if self._compiled is not None:
             # CUDA graphs replay fixed shapes: attend over the whole cache there; elsewhere up to this slot
             kv_len = self.capacity[1] if token.device.type == "cuda" else slot + 1
             try:
-                return self._compiled(self.model, token, pos, pad_lens, kv_len, prefix)
+                return self._compiled(self.model, token, pos, rows.pad_lens, kv_len, prefix, *sampling)
             except Exception as err:  # a backend or device that cannot compile this step: eager from here on
                 warnings.warn(f"compiled decode step failed ({type(err).__name__}: {err}); decoding eagerly")
                 self._compiled = None
         # the slot is known here, so the model need not read it back from the device (a host sync)
-        return _decode_step(self.model, token, pos, pad_lens, slot + 1, prefix)
+        return _decode_step(self.model, token, pos, rows.pad_lens, slot + 1, prefix, *sampling)
 
     def _share_prompts(self, pad_lens: torch.Tensor, width: int, group_size: int) -> SharedPrefix | None:
         """Each question was prefilled once, in cache row q: its G rows read it there (cascade), or each row
@@ -226,11 +228,12 @@ class RolloutEngine:
         rows = _Rows(torch.arange(n, device=device), keyed_uniforms(keys.to(device), max_new_tokens), pad_lens[expand],
                      torch.zeros(n, dtype=torch.bool, device=device))
         prefix = self._share_prompts(pad_lens, width, group_size)
-        logits = logits[expand]
         out = _Outputs(n, max_new_tokens, pad_token_id, device)
         eos = torch.tensor(list(eos_token_ids), device=device)
+        sampled = sample_next(logits[expand], rows.uniforms[:, 0], temperature, top_p)
         for t in range(max_new_tokens):
-            token = self._sample_step(logits, rows, out, t, temperature, top_p, eos)
+            token = sampled[0]
+            out.record(rows, t, *sampled, eos)
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % self.sync_every == 0:  # a host sync every few tokens, not every token
@@ -240,24 +243,8 @@ class RolloutEngine:
                 if live is not rows:
                     rows, token = live, out.tokens[live.ids, t]  # the live rows' last tokens, in their new order
                     prefix = None if prefix is None else replace(prefix, rows=rows.ids)
-            logits = self._decode(token, width + t, rows.pad_lens, prefix)
+            sampled = self._decode(token, width + t, rows, prefix, t + 1, temperature, top_p)
         return out.result()
-
-    def _sample_step(self, logits: torch.Tensor, rows: _Rows, out: _Outputs, t: int, temperature: float,
-                     top_p: float, eos: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits.float(), dim=-1)  # the untempered policy: logged log-probs, entropy
-        p = logp.exp()
-        if temperature == 0:
-            token = logits.argmax(dim=-1)
-        else:
-            probs = p if temperature == 1.0 else torch.softmax(logits.float() / temperature, dim=-1)
-            token = sample_from_probs(probs, rows.uniforms[:, t], top_p)
-        out.record(rows, t, token, logp.gather(-1, token[:, None]).squeeze(-1), -(p * logp).sum(-1))
-        ended = ~rows.done & torch.isin(token, eos)
-        out.lengths[rows.ids[ended]] = t + 1
-        out.finished[rows.ids[ended]] = True
-        rows.done |= ended
-        return token
 
     def _compact(self, rows: _Rows, start: int) -> _Rows:
         """Drop finished rows from the live batch (and their cache slots from `start` on) once enough of them
@@ -276,10 +263,27 @@ class RolloutEngine:
         return _Rows(rows.ids[keep], rows.uniforms[keep], rows.pad_lens[keep], rows.done[keep])
 
 
+def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, log-prob, entropy) [n] from next-token logits [n, V]: the token by keyed inverse-CDF sampling
+    (argmax at temperature 0); log-prob and entropy under the untempered policy (PPO ratios, entropy weights)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    if temperature == 0:
+        token = logits.argmax(dim=-1)
+    else:
+        probs = p if temperature == 1.0 else torch.softmax(logits.float() / temperature, dim=-1)
+        token = sample_from_probs(probs, uniforms, top_p)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1), -(p * logp).sum(-1)
+
+
 def _decode_step(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, pad_lens: torch.Tensor,
-                 kv_len: int, prefix: SharedPrefix | None) -> torch.Tensor:
-    """One decode step, no host sync: the eager step, and the one RolloutEngine compiles."""
-    return model(token[:, None], input_pos=pos, pad_lens=pad_lens, kv_len=kv_len, prefix=prefix)[:, -1]
+                 kv_len: int, prefix: SharedPrefix | None, uniforms: torch.Tensor, temperature: float, top_p: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step and the next token's sampling, no host sync: the eager step, and the one RolloutEngine
+    compiles (so sampling fuses into the same graph)."""
+    logits = model(token[:, None], input_pos=pos, pad_lens=pad_lens, kv_len=kv_len, prefix=prefix)[:, -1]
+    return sample_next(logits, uniforms, temperature, top_p)
 
 
 class _Outputs:
@@ -292,12 +296,18 @@ class _Outputs:
         self.lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
         self.finished = torch.zeros(n, dtype=torch.bool, device=device)
 
-    def record(self, rows: _Rows, t: int, token: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor) -> None:
+    def record(self, rows: _Rows, t: int, token: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor,
+               eos: torch.Tensor) -> None:
+        """Position t of the live rows; rows that sampled an end token are marked done (and finished)."""
         live = ~rows.done  # rows that finished earlier but are not compacted away yet write nothing
         ids = rows.ids[live]
         self.tokens[ids, t] = token[live]
         self.log_probs[ids, t] = logp[live]
         self.entropies[ids, t] = entropy[live]
+        ended = live & torch.isin(token, eos)
+        self.lengths[rows.ids[ended]] = t + 1
+        self.finished[rows.ids[ended]] = True
+        rows.done |= ended
 
     def result(self) -> RolloutOutput:
         lengths = self.lengths.tolist()
