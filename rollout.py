@@ -140,6 +140,7 @@ class RolloutEngine:
         self.model, self.compact_frac, self.sync_every = model, compact_frac, sync_every
         self.cascade = cascade
         self.capacity = (0, 0)
+        self._slots = torch.arange(0)  # cache slot indices on the device, for the decode steps' positions
         device = next(model.parameters()).device
         self._compiled = None
         if compile if compile is not None else device.type == "cuda":
@@ -150,7 +151,7 @@ class RolloutEngine:
                 temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live rows' last tokens [n] through the model (written at cache `slot`), then position t sampled:
         (token, log-prob, entropy) [n] each."""
-        pos = torch.tensor([slot], device=token.device)
+        pos = self._slots[slot:slot + 1]  # a view: no host-to-device copy per token
         sampling = (rows.uniforms[:, t], temperature, top_p)
         if self._compiled is not None:
             # CUDA graphs replay fixed shapes: attend over the whole cache there; elsewhere up to this slot
@@ -183,6 +184,7 @@ class RolloutEngine:
         if self._caches()[0] is None or rows > self.capacity[0] or length > self.capacity[1]:
             self.capacity = (max(rows, self.capacity[0]), max(length, self.capacity[1]))
             self.model.setup_caches(max_batch_size=self.capacity[0], max_seq_len=self.capacity[1])
+            self._slots = torch.arange(self.capacity[1], device=self._caches()[0].k_cache.device)
 
     def release(self) -> None:
         """Free the cache (e.g. before a memory-hungry update on a GPU)."""
@@ -298,15 +300,14 @@ class _Outputs:
 
     def record(self, rows: _Rows, t: int, token: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor,
                eos: torch.Tensor) -> None:
-        """Position t of the live rows; rows that sampled an end token are marked done (and finished)."""
+        """Position t of the live rows; rows that sampled an end token are marked done (and finished). Selects
+        with `where`, not boolean indexing, which would read a count back from the device every token."""
         live = ~rows.done  # rows that finished earlier but are not compacted away yet write nothing
-        ids = rows.ids[live]
-        self.tokens[ids, t] = token[live]
-        self.log_probs[ids, t] = logp[live]
-        self.entropies[ids, t] = entropy[live]
+        for buffer, value in ((self.tokens, token), (self.log_probs, logp), (self.entropies, entropy)):
+            buffer[rows.ids, t] = torch.where(live, value.to(buffer.dtype), buffer[rows.ids, t])
         ended = live & torch.isin(token, eos)
-        self.lengths[rows.ids[ended]] = t + 1
-        self.finished[rows.ids[ended]] = True
+        self.lengths[rows.ids] = torch.where(ended, t + 1, self.lengths[rows.ids])
+        self.finished[rows.ids] |= ended
         rows.done |= ended
 
     def result(self) -> RolloutOutput:
