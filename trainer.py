@@ -613,20 +613,22 @@ def train(config: Config, resume: str | bool | None = None) -> TrainResult:
         if run.dist.is_main:
             print(f"[eval] step 0: success {metrics['success_rate/eval']:.3f}" + (
                 f", transfer {metrics['success_rate/transfer']:.3f}" if "success_rate/transfer" in metrics else ""))
-    step = run.start_step
+    step, stopping = run.start_step, False
     with stop_on_signals() as stop:
-        while step < t.max_steps and not stop["stop"]:
+        while step < t.max_steps and not stopping:
             step += 1
             metrics = train_step(run, step)
-            stop["stop"] = distributed.all_sum(float(stop["stop"]), run.dist) > 0  # every rank stops at one step
-            if step % t.ckpt_save_interval == 0 or step == t.max_steps or stop["stop"]:
+            # every rank stops after the same step once any rank was signalled. The handler's flag is only
+            # read here, never assigned: a signal landing during the all-reduce must not be overwritten
+            stopping = distributed.all_sum(float(stop["stop"]), run.dist) > 0
+            if step % t.ckpt_save_interval == 0 or step == t.max_steps or stopping:
                 save(run, step)
-    if run.credit is not None and not stop["stop"]:
+    if run.credit is not None and not stopping:
         run.credit.finalize()
     run.metrics_log.close()
     distributed.shutdown(run.dist)
-    if stop["stop"] and run.dist.is_main:
+    if stopping and run.dist.is_main:
         print(f"[signal] stopped after step {step}; checkpoint {run.last_ckpt}. "
               f"Resume with: python train.py --config <your config> --resume")
-    return TrainResult(step=step, metrics=metrics, checkpoint=run.last_ckpt, stopped_by_signal=stop["stop"],
+    return TrainResult(step=step, metrics=metrics, checkpoint=run.last_ckpt, stopped_by_signal=stopping,
                        rank=run.dist.rank)

@@ -1,7 +1,7 @@
 """A whole GRPO step, ours vs TRL's GRPOTrainer, on the same job, interleaved in one run.
 
     pip install trl==1.16.0        # a bench dependency only, never a runtime one
-    python bench/bench_vs_trl.py [--config config_tiny.yaml] [--rounds 3] [--steps 4]
+    python bench/bench_vs_trl.py [--config config_tiny.yaml] [--rounds 3] [--steps 4] [section.key=value ...]
 
 The job is the tiny default's step: the same model weights (the built-in tiny model, built first if missing),
 16 Countdown questions x 8 answers, 72 new tokens, temperature 1, lr 1e-4 constant, no KL, token-mean loss
@@ -34,10 +34,10 @@ from config import load_config  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
-def our_run(config_path: str, out: Path, threads: int) -> trainer.Run:
+def our_run(config_path: str, out: Path, threads: int, extra: list[str]) -> trainer.Run:
     overrides = [f"training.log_dir={out / 'logs'}", f"training.ckpt_dir={out / 'ckpt'}", f"credit.dir={out / 'credit'}",
                  "training.max_steps=1000000", "training.eval_interval=1000000", "training.ckpt_save_interval=1000000",
-                 f"training.num_threads={threads}"]
+                 f"training.num_threads={threads}", *extra]
     return trainer.setup(load_config(config_path, overrides), resume=None)
 
 
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="steps per block (the first one is a warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("overrides", nargs="*", help="config overrides for our side, e.g. model.compile_decode=true")
     args = p.parse_args(argv)
     try:
         import trl
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        run = our_run(args.config, Path(tmp) / "ours", args.threads)  # builds the tiny model if missing
+        run = our_run(args.config, Path(tmp) / "ours", args.threads, args.overrides)  # builds the tiny model if missing
         ref_model = AutoModelForCausalLM.from_pretrained(run.config.model.path, dtype=torch.float32)
         ours, ours_rollout, theirs = [], [], []
         step = 1
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "grpo_step_vs_trl", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": trl.__version__,
         "ours_s_per_step": statistics.median(ours), "ours_rollout_s": statistics.median(ours_rollout),
-        "trl_s_per_step": statistics.median(theirs), "steps_counted_each": len(ours),
+        "trl_s_per_step": statistics.median(theirs), "steps_counted_each": len(ours), "overrides": args.overrides,
     }
     result["trl_over_ours"] = result["trl_s_per_step"] / result["ours_s_per_step"]
     print(f"\n{'':12}{'s/step (median)':>18}\nours{result['ours_s_per_step']:>26.3f}  (rollout "

@@ -300,3 +300,21 @@ def test_every_policy_loss_trains_end_to_end(tiny_assets, tmp_path, loss_name):
     assert result.step == 2 and all(math.isfinite(rows[-1][k]) for k in ("loss", "grad_norm", "rollout_logprob_gap"))
     assert rows[-1]["clip_frac"] == 0.0  # recompute: the first pass's ratio is exactly 1
     assert ("clip_frac/later_iterations" in rows[-1]) == grpo.POLICY_LOSSES[loss_name].uses_ratio
+
+
+def test_a_signal_that_lands_during_the_stop_all_reduce_is_not_lost(tiny_assets, tmp_path, monkeypatch):
+    """On a waiting rank the SIGTERM handler often runs while the stop flag is being all-reduced; its flag must
+    survive that call (it once was overwritten by the call's stale result, and the run went on to the end)."""
+    cfg = run_config(tiny_assets, tmp_path, training={"max_steps": 6, "ckpt_save_interval": 100})
+    calls = []
+    real = trainer.distributed.all_sum
+
+    def all_sum_signalled_midway(value, dist):
+        calls.append(value)
+        if len(calls) == 2:  # step 2: the flag was read as 0, then the signal arrives inside the collective
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(value, dist)
+    monkeypatch.setattr(trainer.distributed, "all_sum", all_sum_signalled_midway)
+    result = trainer.train(config_from_dict(cfg))
+    assert result.stopped_by_signal and result.step == 3  # the next step's all-reduce carries it
+    assert ckpt.read_checkpoint(ckpt.latest_checkpoint(tmp_path / "ckpt")).step == 3
