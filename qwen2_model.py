@@ -559,20 +559,8 @@ class Transformer(nn.Module):
 
         if prefix is not None and not (cached and seq == 1):
             raise ValueError("forward(prefix=...) is for one decode step: tokens [n, 1] and input_pos")
-        mask = None  # None -> causal fast path (plain full-sequence forward)
-        if prefix is not None:  # the cascade's mask over generated slots: none past the new token's own slot
-            later = torch.arange(prefix.length, kv_len, device=device) > input_pos
-            mask = additive_mask(later, self.model.embed_tokens.weight.dtype).view(1, 1, 1, -1)
-        elif cached or pad_lens is not None:
-            key_slots = torch.arange(kv_len, device=device)
-            own = query_slots[:, None]  # [T, 1]
-            allowed = key_slots <= own  # [T, L]
-            if pad_lens is not None:
-                allowed = allowed & (key_slots >= pad_lens[:, None, None])  # [B, T, L]
-                # a padding query has no valid key; letting it see itself keeps softmax (and then V) NaN-free
-                allowed = allowed | (key_slots == own)
-            # additive, in the model's dtype: SDPA would otherwise convert a boolean mask again in every layer
-            mask = additive_mask(~allowed, self.model.embed_tokens.weight.dtype).view(-1, 1, seq, kv_len)
+        # None -> the causal fast path (a plain full-sequence forward)
+        mask = self._attention_mask(query_slots, kv_len, pad_lens, prefix) if cached or pad_lens is not None else None
 
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary_emb(positions, x.dtype)
@@ -597,6 +585,23 @@ class Transformer(nn.Module):
             last_k=k if output_last_qk else None,
             head_output=head_output,
         )
+
+    def _attention_mask(self, query_slots: torch.Tensor, kv_len: int, pad_lens: torch.Tensor | None,
+                        prefix: SharedPrefix | None) -> torch.Tensor:
+        """Additive mask [B or 1, 1, T, kv_len] in the model's dtype, built once per forward (SDPA would convert a
+        boolean one again in every layer). Under `prefix`, the cascade's mask over the generated slots only."""
+        dtype, device = self.model.embed_tokens.weight.dtype, query_slots.device
+        if prefix is not None:  # no generated slot past the new token's own
+            later = torch.arange(prefix.length, kv_len, device=device) > query_slots
+            return additive_mask(later, dtype).view(1, 1, 1, -1)
+        key_slots = torch.arange(kv_len, device=device)
+        own = query_slots[:, None]  # [T, 1]
+        allowed = key_slots <= own  # [T, L]
+        if pad_lens is not None:
+            allowed = allowed & (key_slots >= pad_lens[:, None, None])  # [B, T, L]
+            # a padding query has no valid key; letting it see itself keeps softmax (and then V) NaN-free
+            allowed = allowed | (key_slots == own)
+        return additive_mask(~allowed, dtype).view(-1, 1, len(query_slots), kv_len)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
