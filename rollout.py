@@ -1,6 +1,7 @@
 """The rollout engine: batched prefill, one prefill per question shared by its G completions (whose decode
 attention reads the shared prompt once per question: cascade attention), a decode loop over a static KV cache
-reused across rollouts, and compaction of finished rows.
+reused across rollouts with no host sync per token (the step, sampling included, optionally compiled: CUDA
+graphs on CUDA), and compaction of finished rows.
 
 Sampling noise is keyed, never drawn from a stateful generator: the token at (row key, position) is chosen
 by inverse-CDF sampling with one uniform u = hash(key, position), where a row's key is a hash of (seed,
