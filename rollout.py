@@ -79,10 +79,8 @@ def sample_keyed(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
                  ) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) (nucleus-truncated when top_p < 1), by inverse
     CDF with the row's uniform: exact categorical sampling, one uniform per row, no host sync.
-    temperature 0 = greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return sample_from_probs(torch.softmax(logits.float() / temperature, dim=-1), uniforms, top_p)
+    temperature 0 = greedy. The engine's own sampler (sample_next) without the log-prob and entropy."""
+    return sample_next(logits, uniforms, temperature, top_p)[0]
 
 
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
@@ -165,9 +163,10 @@ class RolloutEngine:
         # the slot is known here, so the model need not read it back from the device (a host sync)
         return _decode_step(self.model, token, pos, rows.pad_lens, slot + 1, prefix, *sampling)
 
-    def _share_prompts(self, pad_lens: torch.Tensor, width: int, group_size: int) -> SharedPrefix | None:
+    def _share_prompts(self, pad_lens: torch.Tensor, width: int, group_size: int, expand: torch.Tensor
+                       ) -> SharedPrefix | None:
         """Each question was prefilled once, in cache row q: its G rows read it there (cascade), or each row
-        gets its own copy of it (None)."""
+        gets its own copy of it, cache row `expand[r]` copied to row r (None)."""
         if group_size == 1:
             return None
         cache = self._caches()[0]
@@ -175,7 +174,7 @@ class RolloutEngine:
         pays = pad_lens.device.type == "cpu" and width * slot_bytes * (1 - 1 / group_size) >= self.CASCADE_MIN_BYTES
         if self.cascade if self.cascade is not None else pays:
             return SharedPrefix.for_prompts(pad_lens, width, group_size)
-        self._gather_rows(torch.arange(len(pad_lens), device=pad_lens.device).repeat_interleave(group_size), 0)
+        self._gather_rows(expand, 0)
         return None
 
     def _caches(self) -> list:
@@ -230,7 +229,7 @@ class RolloutEngine:
         expand = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
         rows = _Rows(torch.arange(n, device=device), keyed_uniforms(keys.to(device), max_new_tokens), pad_lens[expand],
                      torch.zeros(n, dtype=torch.bool, device=device))
-        prefix = self._share_prompts(pad_lens, width, group_size)
+        prefix = self._share_prompts(pad_lens, width, group_size, expand)
         out = _Outputs(n, max_new_tokens, pad_token_id, device)
         eos = torch.tensor(list(eos_token_ids), device=device)
         sampled = sample_next(logits[expand], rows.uniforms[:, 0], temperature, top_p)
