@@ -70,6 +70,7 @@ class TrainingSettings:
     batch_size: Optional[int] = None  # optional check: must equal questions x answers
     micro_batch_size: int = 8
     max_tokens_per_micro_batch: Optional[int] = None  # pack micro-batches by padded tokens too (long completions)
+    share_prompts: bool = True  # the update runs a prompt that completions of a micro-batch share once
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from data_types import Episode, TokenBatch, UpdateStats
 from distributed import (Dist, all_sum, clip_grad_norm, gather, grad_scale, gradient_sync, split_work, sum_gradients,
                          sum_values)
+from qwen2_model import SharedPrompts
 from rollout import RolloutEngine, RolloutOutput, row_keys, stream_key
 
 # ============================================================================ sampling (entry points; the engine is rollout.py)
@@ -520,6 +521,8 @@ class UpdateConfig:
     # log-probs over chunks of this many tokens, recomputed in the backward: the [b, T, vocab] logits never
     # exist whole. None: one pass over the full logits.
     logits_chunk_tokens: int | None = 512
+    # a prompt shared by several completions of a micro-batch (GRPO's groups) runs once, forward and backward
+    share_prompts: bool = True
     pad_token_id: int = 0
     progress: bool = False
 
@@ -563,6 +566,18 @@ class CompletionForward:
     logit_grad_norm: torch.Tensor | None = None  # [b, T] ||onehot(target) - p||_2, detached
 
 
+def _shared_prompts(episodes: Sequence[Episode], pad_token_id: int, device: Any) -> SharedPrompts | None:
+    """The distinct prompts of `episodes` (left-padded) and each episode's, or None when none repeats."""
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(tuple(e.prompt_token_ids), len(index)) for e in episodes]
+    if len(index) == len(episodes):
+        return None
+    width = max(len(p) for p in index)
+    tokens = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in index], dtype=torch.long, device=device)
+    pad_lens = torch.tensor([width - len(p) for p in index], device=device)
+    return SharedPrompts(tokens, pad_lens, torch.tensor(rows, device=device))
+
+
 def forward_completions(
     model: torch.nn.Module,
     episodes: Sequence[Episode],
@@ -570,11 +585,17 @@ def forward_completions(
     need_hidden: bool = False,
     need_last_qk: bool = False,
     chunk_tokens: int | None = None,
+    share_prompts: bool = False,
 ) -> CompletionForward:
     """Run prompt + completion (right-padded) through the model; logits only where completion tokens are
     predicted: position prompt_len - 1 + t predicts completion token t. Also the per-token statistics. With
-    `chunk_tokens` the logits are never materialized whole (`logits` is None; chunked_token_statistics)."""
+    `chunk_tokens` the logits are never materialized whole (`logits` is None; chunked_token_statistics).
+    `share_prompts`: a prompt that several episodes share runs once (the model's SharedPrompts forward; same
+    values, fewer FLOPs); not with need_last_qk, whose consumers index the whole sequence."""
     device = next(model.parameters()).device
+    shared = _shared_prompts(episodes, pad_token_id, device) if share_prompts and not need_last_qk else None
+    if shared is not None:
+        return _forward_continuations(model, episodes, shared, need_hidden, chunk_tokens)
     seqs = [list(e.prompt_token_ids) + list(e.generated_token_ids) for e in episodes]
     width = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad_token_id, dtype=torch.long, device=device)
@@ -599,6 +620,24 @@ def forward_completions(
     return CompletionForward(logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k, *stats)
 
 
+def _forward_continuations(model: torch.nn.Module, episodes: Sequence[Episode], shared: SharedPrompts,
+                           need_hidden: bool, chunk_tokens: int | None) -> CompletionForward:
+    """forward_completions over shared prompts: the model's outputs come aligned on the completion tokens."""
+    device = shared.tokens.device
+    gen_lens = torch.tensor([len(e.generated_token_ids) for e in episodes], device=device)
+    mask = torch.arange(int(gen_lens.max()), device=device)[None, :] < gen_lens[:, None]
+    targets = _pad([e.generated_token_ids for e in episodes], mask.shape[1], 0, torch.long, device)
+    prompt_lens = torch.tensor([len(e.prompt_token_ids) for e in episodes], device=device)
+    if chunk_tokens:
+        out = model(targets, prompts=shared, output_hidden=need_hidden, compute_logits=False,
+                    head_fn=lambda h, w: chunked_token_statistics(h, w, targets, chunk_tokens))
+        return CompletionForward(None, targets, mask, prompt_lens, out.hidden, None, None, *out.head_output)
+    out = model(targets, prompts=shared, output_hidden=need_hidden)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return CompletionForward(logits, targets, mask, prompt_lens, None if isinstance(out, torch.Tensor) else out.hidden,
+                             None, None, *_chunk_statistics_from_logits(logits, targets))
+
+
 def micro_batches(episodes: Sequence[Episode], max_size: int, max_tokens: int | None = None) -> list[range]:
     """Consecutive micro-batches of at most `max_size` episodes and, with `max_tokens`, at most that many
     padded tokens (rows x the longest prompt + completion in the micro-batch); an episode longer than the
@@ -616,6 +655,40 @@ def micro_batches(episodes: Sequence[Episode], max_size: int, max_tokens: int | 
     if start < len(episodes):
         out.append(range(start, len(episodes)))
     return out
+
+
+def padded_tokens(episodes: Sequence[Episode], share_prompts: bool) -> int:
+    """The padded tokens one forward over `episodes` runs: rows x the longest prompt + completion, or with
+    shared prompts each distinct prompt once (left-padded to the longest) plus rows x the longest completion."""
+    if not share_prompts:
+        return len(episodes) * max(len(e.prompt_token_ids) + len(e.generated_token_ids) for e in episodes)
+    prompts = {tuple(e.prompt_token_ids) for e in episodes}
+    if len(prompts) == len(episodes):
+        return padded_tokens(episodes, False)
+    return (len(prompts) * max(len(p) for p in prompts)
+            + len(episodes) * max(len(e.generated_token_ids) for e in episodes))
+
+
+def pack_episodes(episodes: Sequence[Episode], size: int, max_tokens: int | None, share_prompts: bool
+                  ) -> list[list[int]]:
+    """Micro-batches (episode indices) for the update: in order of length, so a micro-batch pads little, or
+    with shared prompts also group by group (each group's prompt then runs once), whichever runs fewer tokens."""
+    n = len(episodes)
+    orders = [sorted(range(n), key=lambda i: len(episodes[i].prompt_token_ids) + len(episodes[i].generated_token_ids))]
+    if share_prompts:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, e in enumerate(episodes):
+            groups.setdefault(tuple(e.prompt_token_ids), []).append(i)
+        length = {key: sum(len(episodes[i].generated_token_ids) for i in rows) / len(rows) for key, rows in groups.items()}
+        orders.append([i for key in sorted(groups, key=lambda k: length[k])
+                       for i in sorted(groups[key], key=lambda i: len(episodes[i].generated_token_ids))])
+    best, best_cost = [], math.inf
+    for order in orders:
+        packed = [[order[j] for j in idx] for idx in micro_batches([episodes[i] for i in order], size, max_tokens)]
+        cost = sum(padded_tokens([episodes[i] for i in mb], share_prompts) for mb in packed)
+        if cost < best_cost:
+            best, best_cost = packed, cost
+    return best
 
 
 @dataclass
@@ -651,12 +724,13 @@ class _MicroBatchTokens:
     answer_mask: torch.Tensor  # [b, T]
 
 
-def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any, pad_token_id: int,
-                    chunk_tokens: int | None) -> _MicroBatchTokens:
+def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any, config: UpdateConfig
+                    ) -> _MicroBatchTokens:
     """Step 1, forward + token statistics: log pi, entropy and the logit-gradient norm of each completion token."""
     need_hidden = bool(weighter is not None and weighter.needs_hidden)
     need_qk = bool(weighter is not None and weighter.needs_last_qk)
-    fwd = forward_completions(model, mb, pad_token_id, need_hidden, need_qk, chunk_tokens)
+    fwd = forward_completions(model, mb, config.pad_token_id, need_hidden, need_qk, config.logits_chunk_tokens,
+                              config.share_prompts)
     log_probs, entropy, grad_norm = fwd.log_probs, fwd.entropy.detach(), fwd.logit_grad_norm
     width, device = fwd.mask.shape[1], fwd.mask.device
     rollout_lp = _pad([e.log_probs for e in mb], width, 0.0, torch.float32, device)
@@ -716,7 +790,8 @@ def _kl_and_entropy_terms(tok: _MicroBatchTokens, mb: Sequence[Episode], config:
             raise ValueError("beta > 0 needs a reference model")
         with torch.no_grad():
             ref_log_probs = forward_completions(ref_model, mb, config.pad_token_id,
-                                                chunk_tokens=config.logits_chunk_tokens).log_probs
+                                                chunk_tokens=config.logits_chunk_tokens,
+                                                share_prompts=config.share_prompts).log_probs
         kl = kl_penalty(tok.log_probs, ref_log_probs, config.kl_estimator)
         extra = extra + config.beta * kl
         sums.add("kl", float((kl.detach() * tok.fwd.mask).sum()))
@@ -747,7 +822,7 @@ def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: torch.
                       iteration: int, key: int, cache: dict, totals: _BatchTotals, weighter: Any,
                       ref_model: torch.nn.Module | None, stats: UpdateStats, sums: _Sums) -> torch.Tensor:
     """Steps 1-6 for one micro-batch: the scalar loss whose gradient this micro-batch contributes."""
-    tok = _forward_tokens(model, mb, weighter, config.pad_token_id, config.logits_chunk_tokens)
+    tok = _forward_tokens(model, mb, weighter, config)
     weights, aux_loss = _token_weights(weighter, tok, adv)
     old = _old_log_probs(tok, config, iteration, cache, key)
     token_adv = adv[:, None] * weights  # step 4: the policy loss sees weighted per-token advantages
@@ -800,10 +875,8 @@ def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], config
     size = config.micro_batch_size
     if d.enabled:
         size = max(1, min(size, math.ceil(len(episodes) / d.world_size)))
-    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i].prompt_token_ids)
-                   + len(episodes[i].generated_token_ids))
-    packed = micro_batches([episodes[i] for i in order], size, config.max_tokens_per_micro_batch)
-    units = [_Unit("policy", [order[j] for j in idx], k) for k, idx in enumerate(packed)]
+    units = [_Unit("policy", idx, k) for k, idx in
+             enumerate(pack_episodes(episodes, size, config.max_tokens_per_micro_batch, config.share_prompts))]
     if teachers and config.teacher_forcing_coef > 0:
         units += [_Unit("teacher", list(idx), -1) for idx in
                   micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch)]

@@ -284,6 +284,28 @@ class SharedPrefix:
         return cls(length, group, len(pad_lens), rows, additive_mask(padding, torch.float32)[:, None, None])
 
 
+@dataclass
+class SharedPrompts:
+    """A training forward over completions whose prompts repeat (GRPO's groups): each distinct prompt goes
+    through the model once, and every row's attention reads its prompt's keys and values ahead of its own.
+    Same outputs as the rows' whole sequences, without the G - 1 redundant prompt passes (forward and backward)."""
+
+    tokens: torch.Tensor  # [Q, P] the distinct prompts, left-padded
+    pad_lens: torch.Tensor  # [Q] left padding of each
+    rows: torch.Tensor  # [B] the prompt each row continues
+
+
+@dataclass(frozen=True)
+class _PromptStream:
+    """The shared prompts' hidden states on their way through the layers, beside the rows' stream."""
+
+    x: torch.Tensor  # [Q, P, hidden]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor  # [Q, 1, P, P] causal over each prompt, its padding blocked
+    rows: torch.Tensor  # [B]
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                        fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(hd) + mask) v and its fp32 log-normalizer: q [B, h, M, hd], k/v [B, h, L, hd],
@@ -352,8 +374,10 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
         input_pos: torch.Tensor | None, kv_len: int, prefix: SharedPrefix | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (output [B, T, hidden], q [B, H, T, hd], k [B, KV, T, hd]); q/k post-norm, post-RoPE."""
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output [B, T, hidden], q [B, H, T, hd], k, v [B, KV, T, hd]); q/k post-norm, post-RoPE.
+        past: keys and values [B, KV, P, hd] that precede this input (a shared prompt's; `mask` covers them)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -364,7 +388,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         keys, values = k, v
-        if input_pos is not None and self.kv_cache is not None:
+        if past is not None:
+            keys, values = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        elif input_pos is not None and self.kv_cache is not None:
             keys, values = self.kv_cache.update(input_pos, k, v, kv_len)
 
         groups = self.n_heads // self.n_kv_heads
@@ -384,7 +410,7 @@ class Attention(nn.Module):
                 values = values.repeat_interleave(groups, dim=1)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         y = y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
-        return self.o_proj(y), q, k
+        return self.o_proj(y), q, k, v
 
 
 class MLP(nn.Module):
@@ -413,11 +439,26 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
         input_pos: torch.Tensor | None, kv_len: int, prefix: SharedPrefix | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h, q, k = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len, prefix)
+        prompts: _PromptStream | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _PromptStream | None]:
+        """Returns (x, last q, last k, the prompts' stream after this layer). With `prompts`, the distinct
+        prompts go through the layer first, and each row attends to its prompt's keys/values, then its own."""
+        past = None
+        if prompts is not None:
+            xp, _, kp, vp = self._block(prompts.x, prompts.cos, prompts.sin, prompts.mask, None, 0, None, None)
+            past = (kp[prompts.rows], vp[prompts.rows])  # gathered: the backward sums each group's gradients
+            prompts = _PromptStream(xp, prompts.cos, prompts.sin, prompts.mask, prompts.rows)
+        x, q, k, _ = self._block(x, cos, sin, mask, input_pos, kv_len, prefix, past)
+        return x, q, k, prompts
+
+    def _block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+               input_pos: torch.Tensor | None, kv_len: int, prefix: SharedPrefix | None,
+               past: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, q, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len, prefix, past)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, q, k
+        return x, q, k, v
 
 
 class Transformer(nn.Module):
@@ -510,6 +551,7 @@ class Transformer(nn.Module):
         head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
         prefix: SharedPrefix | None = None,
         kv_len: int | None = None,
+        prompts: SharedPrompts | None = None,
     ) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, V] (or ModelOutput when output_hidden / output_last_qk).
 
@@ -532,7 +574,18 @@ class Transformer(nn.Module):
         prefix: a decode step (T = 1, with input_pos) whose rows share prompts in the cache (SharedPrefix):
         attention reads each prompt once per question instead of once per row (the rollout engine's GRPO
         groups). pad_lens still gives each row's RoPE position.
+
+        prompts: a training forward of continuations tokens [B, C] of shared prompts (SharedPrompts): each
+        distinct prompt runs once. Output position t is the one that predicts tokens[:, t] (the prompt's last
+        for t = 0), so the result is [B, C, ...] and the rows' last token is never run.
         """
+        if prompts is not None:
+            if input_pos is not None or pad_lens is not None or prefix is not None or logits_positions is not None \
+                    or output_last_qk:
+                raise ValueError("forward(prompts=...) takes no input_pos, pad_lens, prefix, logits_positions or "
+                                 "output_last_qk: the rows' positions and attention follow from their prompts")
+            return self._head(self._continue_prompts(tokens, prompts), None, None, output_hidden, False,
+                              compute_logits, head_fn)
         batch, seq = tokens.shape
         device = tokens.device
         cached = input_pos is not None
@@ -564,15 +617,48 @@ class Transformer(nn.Module):
 
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary_emb(positions, x.dtype)
-        q = k = None
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x, q, k = checkpoint(layer, x, cos, sin, mask, input_pos, kv_len, prefix, use_reentrant=False)
-            else:
-                x, q, k = layer(x, cos, sin, mask, input_pos, kv_len, prefix)
+        x, q, k, _ = self._layers(x, cos, sin, mask, input_pos, kv_len, prefix, None)
         hidden = self.model.norm(x)
         if logits_positions is not None:
             hidden = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self._head(hidden, q, k, output_hidden, output_last_qk, compute_logits, head_fn)
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                input_pos: torch.Tensor | None, kv_len: int, prefix: SharedPrefix | None,
+                prompts: _PromptStream | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, _PromptStream | None]:
+        q = k = None
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x, q, k, prompts = checkpoint(layer, x, cos, sin, mask, input_pos, kv_len, prefix, prompts,
+                                              use_reentrant=False)
+            else:
+                x, q, k, prompts = layer(x, cos, sin, mask, input_pos, kv_len, prefix, prompts)
+        return x, q, k, prompts
+
+    def _continue_prompts(self, tokens: torch.Tensor, prompts: SharedPrompts) -> torch.Tensor:
+        """forward(prompts=...)'s hidden states [B, C, hidden], after the final norm."""
+        device, plen = tokens.device, prompts.tokens.shape[1]
+        slots = torch.arange(plen, device=device)
+        xp = self.model.embed_tokens(prompts.tokens)
+        cos_p, sin_p = self.rotary_emb((slots - prompts.pad_lens[:, None]).clamp(min=0), xp.dtype)
+        stream = _PromptStream(xp, cos_p, sin_p, self._attention_mask(slots, plen, prompts.pad_lens, None),
+                               prompts.rows)
+        inputs = tokens[:, :-1]  # a row's last token predicts nothing here
+        width, pad = inputs.shape[1], prompts.pad_lens[prompts.rows]
+        own = torch.arange(width, device=device)
+        cos, sin = self.rotary_emb((plen - pad)[:, None] + own, xp.dtype)
+        # query t of row b: its prompt's real slots, then its own tokens up to t
+        real = (slots >= pad[:, None])[:, None].expand(-1, width, -1)
+        causal = (own[None, :] <= own[:, None]).expand(len(pad), -1, -1)
+        mask = additive_mask(~torch.cat((real, causal), dim=-1), xp.dtype)[:, None]
+        x, _, _, stream = self._layers(self.model.embed_tokens(inputs), cos, sin, mask, None, width, None, stream)
+        last = self.model.norm(stream.x[:, -1:])  # left-padded: each prompt's last token is in the last slot
+        return torch.cat((last[prompts.rows], self.model.norm(x)), dim=1)
+
+    def _head(self, hidden: torch.Tensor, q: torch.Tensor | None, k: torch.Tensor | None, output_hidden: bool,
+              output_last_qk: bool, compute_logits: bool, head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None
+              ) -> torch.Tensor | ModelOutput:
         # compute_logits=False: the caller applies lm_head itself, in chunks (grpo.chunked_token_statistics)
         logits = self.lm_head(hidden) if compute_logits else None
         head_output = head_fn(hidden, self.lm_head.weight) if head_fn is not None else None

@@ -306,6 +306,7 @@ def update_config(config: Config, tokenizer: Tokenizer) -> grpo.UpdateConfig:
     t, a = config.training, config.algorithm
     return grpo.UpdateConfig(
         micro_batch_size=t.micro_batch_size, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+        share_prompts=t.share_prompts,
         loss_agg_mode=a.loss_agg_mode, max_len=t.max_new_tokens,
         max_grad_norm=t.max_grad_norm, policy_loss=a.policy_loss, old_log_probs=a.old_log_probs,
         num_iterations=a.num_iterations, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,

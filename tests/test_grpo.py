@@ -376,6 +376,55 @@ def test_per_token_arrays_come_back_in_episode_order(micro_batch):
     assert [len(r) for r in stats.token_entropies] == [6, 4, 3, 1]
 
 
+@pytest.mark.parametrize("chunk_tokens", [None, 3])
+def test_forward_completions_over_shared_prompts_equals_the_padded_forward(chunk_tokens):
+    """Two groups answering two prompts (of different lengths): every per-token output and the gradients are
+    the same whether each prompt runs once or once per episode."""
+    model = tiny_model().train()
+    eps = [_episode([1, 2, 3], [4, 5, 6, 7]), _episode([8, 9], [10, 11]), _episode([1, 2, 3], [12]),
+           _episode([8, 9], [13, 14, 15, 16, 17]), _episode([1, 2, 3], [18, 19])]
+    outs, grads = [], []
+    for share in (False, True):
+        model.zero_grad()
+        fwd = grpo.forward_completions(model, eps, 0, need_hidden=True, chunk_tokens=chunk_tokens, share_prompts=share)
+        ((fwd.log_probs + 0.3 * fwd.entropy) * fwd.mask).sum().backward()
+        outs.append(fwd)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    plain, shared = outs
+    assert torch.equal(plain.mask, shared.mask) and torch.equal(plain.targets, shared.targets)
+    assert torch.equal(plain.prompt_lens, shared.prompt_lens)
+    m = plain.mask
+    for name in ("log_probs", "entropy", "logit_grad_norm"):
+        torch.testing.assert_close(getattr(shared, name)[m], getattr(plain, name)[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.hidden[m], plain.hidden[m], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_padded_tokens_counts_each_shared_prompt_once():
+    eps = [_episode([1, 2, 3], [4, 5]), _episode([1, 2, 3], [6, 7, 8, 9]), _episode([5, 6], [1])]
+    assert grpo.padded_tokens(eps, share_prompts=False) == 3 * 7
+    assert grpo.padded_tokens(eps, share_prompts=True) == 2 * 3 + 3 * 4
+    assert grpo.padded_tokens(eps[1:], share_prompts=True) == 2 * 7  # no prompt repeats: the plain forward
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 8])
+def test_pack_episodes_partitions_the_batch_and_keeps_groups_when_that_runs_fewer_tokens(size):
+    # two groups of 4 with one long prompt each; lengths interleave, so packing by length mixes the groups
+    eps = [_episode([q] * 20, [1] * (2 + q + 3 * j)) for j in range(4) for q in (1, 2)]
+    for share in (False, True):
+        packed = grpo.pack_episodes(eps, size, None, share)
+        assert sorted(i for mb in packed for i in mb) == list(range(len(eps)))
+        assert all(len(mb) <= size for mb in packed)
+    by_length = grpo.pack_episodes(eps, size, None, False)
+    cost = {share: sum(grpo.padded_tokens([eps[i] for i in mb], True) for mb in grpo.pack_episodes(eps, size, None, share))
+            for share in (False, True)}
+    assert cost[True] <= sum(grpo.padded_tokens([eps[i] for i in mb], True) for mb in by_length)
+    if size in (2, 4):  # micro-batches of one group each run its prompt once
+        assert all(len({eps[i].prompt_token_ids[0] for i in mb}) == 1 for mb in grpo.pack_episodes(eps, size, None, True))
+        assert cost[True] < cost[False]
+
+
 def test_micro_batching_gives_the_full_batch_gradient():
     eps = [_episode([1, 2, 3], [4, 5, 6, 7]), _episode([1, 2], [8, 9, 10]), _episode([4], [11, 12])]
     adv = torch.tensor([0.7, -1.2, 0.4])

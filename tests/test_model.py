@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qwen2_model import CheckpointError, ModelConfig, ModelOutput, SharedPrefix, Transformer, attention_with_lse
+from qwen2_model import (CheckpointError, ModelConfig, ModelOutput, SharedPrefix, SharedPrompts, Transformer,
+                         attention_with_lse)
 
 transformers = pytest.importorskip("transformers")
 
@@ -302,6 +303,74 @@ def test_gradient_checkpointing_gives_same_gradients():
         model(tokens).logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+# --------------------------------------------------------------------------------------------
+# the training forward over shared prompts
+
+SHARED = dict(prompts=[[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]], rows=[0, 0, 1, 1, 1, 2],
+              completions=[[20, 21, 22], [23, 24], [25], [26, 27, 28, 29, 30], [31, 32, 33], [34, 35]])
+
+
+def _shared_batch(prompts, rows, completions):
+    padded, pad_lens = left_pad([torch.tensor(p) for p in prompts])
+    width = max(len(c) for c in completions)
+    conts = torch.tensor([c + [0] * (width - len(c)) for c in completions])
+    return conts, SharedPrompts(padded, pad_lens, torch.tensor(rows))
+
+
+@pytest.mark.parametrize("model_type,kw", [("qwen2", {}), ("qwen3", dict(attention_bias=True))])
+def test_shared_prompts_forward_matches_transformers_on_whole_sequences(tmp_path, model_type, kw):
+    """Each distinct prompt runs once and each row continues it: the logits that predict each completion token
+    equal transformers' on the row's own prompt + completion (the oracle), left padding of the prompts included."""
+    path, hf = make_hf(tmp_path, model_type, **kw)
+    ours = Transformer.from_pretrained(path, dtype=torch.float32).eval()
+    conts, shared = _shared_batch(**SHARED)
+    with torch.no_grad():
+        out = ours(conts, prompts=shared)
+        assert out.shape == (len(SHARED["rows"]), conts.shape[1], VOCAB)
+        for b, (r, c) in enumerate(zip(SHARED["rows"], SHARED["completions"])):
+            p = SHARED["prompts"][r]
+            ref = hf(torch.tensor([p + c])).logits[0, len(p) - 1: len(p) - 1 + len(c)]
+            assert max_diff(out[b, : len(c)], ref) <= TOL
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompts_forward_gives_the_whole_sequences_gradients(checkpointing):
+    model = make_ours("qwen3").train()
+    model.gradient_checkpointing = checkpointing
+    conts, shared = _shared_batch(**SHARED)
+    weights = torch.randn(conts.shape)  # a different weight per token, so every row's gradient counts
+    for b, c in enumerate(SHARED["completions"]):
+        weights[b, len(c):] = 0.0  # past a row's end: padding
+    model(conts, prompts=shared).logsumexp(-1).mul(weights).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = 0.0
+    for b, (r, c) in enumerate(zip(SHARED["rows"], SHARED["completions"])):
+        p = SHARED["prompts"][r]
+        logits = model(torch.tensor([p + c]))[0, len(p) - 1: len(p) - 1 + len(c)]
+        total = total + (logits.logsumexp(-1) * weights[b, : len(c)]).sum()
+    total.backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(shared_grads, model.parameters()))
+
+
+def test_shared_prompts_forward_with_one_token_completions_is_the_prompts_last_logits():
+    model = make_ours("qwen2")
+    conts, shared = _shared_batch([[5, 6, 7], [8, 9]], [1, 0, 1], [[3], [4], [5]])
+    with torch.no_grad():
+        out = model(conts, prompts=shared)
+        assert max_diff(out[0, 0], model(torch.tensor([[8, 9]]))[0, -1]) <= TOL
+        assert max_diff(out[1, 0], model(torch.tensor([[5, 6, 7]]))[0, -1]) <= TOL
+
+
+def test_shared_prompts_refuse_options_that_index_the_whole_sequence():
+    model = make_ours("qwen2")
+    conts, shared = _shared_batch(**SHARED)
+    with pytest.raises(ValueError, match="prompts"):
+        model(conts, prompts=shared, output_last_qk=True)
+    with pytest.raises(ValueError, match="prompts"):
+        model(conts, prompts=shared, logits_positions=torch.zeros(len(conts), 1, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,8 +51,9 @@ def make_episodes(model: Transformer) -> list[Episode]:
     """Four completions of different lengths; rollout log-probs off from the policy's (so ratios != 1, some
     beyond the clip range, one A < 0 episode beyond the dual-clip bound), answer tags in some."""
     gen = torch.Generator().manual_seed(3)
+    # episodes 1 and 3 answer the same prompt, as a GRPO group does: the update runs it once (shared prompts)
     specs = [([1, 2, 3], [4, 5, 6, 7, 8, 9], 3), ([2, 7], [10, 11, 12], None), ([4, 4, 5, 6], [13, 3, 9, 14, 2], 2),
-             ([9], [15, 16, 17, 18, 19, 20, 21], 4)]
+             ([2, 7], [15, 16, 17, 18, 19, 20, 21], 4)]
     episodes = []
     for k, (prompt, completion, answer_start) in enumerate(specs):
         e = Episode(prompt="", prompt_token_ids=prompt, generated_token_ids=completion, text="", reward=0.0,
@@ -192,7 +193,7 @@ def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="no
 
 
 def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout", weighter_name="none",
-                 head: dict | None = None, max_tokens=None, **terms):
+                 head: dict | None = None, max_tokens=None, share_prompts=True, **terms):
     params = {"think_discount": 0.3, "epsilon": 0.1, "credit_scale": 2.0, "entropy_temp": 0.7,
               "mask_percentile": 60.0, "attribution_entropy_coef": 0.0, "attribution_lr": None, **(head or {})}
     model, ref_model = make_model(0), make_model(1)
@@ -212,7 +213,8 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
     assert sum(float(g.abs().sum()) for g in expected) > 0
 
     before = [p.detach().clone() for p in all_params]
-    cfg = grpo.UpdateConfig(micro_batch_size=micro, max_tokens_per_micro_batch=max_tokens, loss_agg_mode=mode, max_len=MAX_LEN, max_grad_norm=1e9,
+    cfg = grpo.UpdateConfig(micro_batch_size=micro, max_tokens_per_micro_batch=max_tokens, loss_agg_mode=mode,
+                            max_len=MAX_LEN, max_grad_norm=1e9, share_prompts=share_prompts,
                             policy_loss=loss_name, old_log_probs=old_mode, clip_ratio_c=CLIP_C,
                             beta=terms.get("beta", 0.0), kl_estimator=terms.get("kl", "k3"),
                             entropy_coef=terms.get("entropy_coef", 0.0),
@@ -224,6 +226,17 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
     for p, b, e in zip(all_params, before, expected):
         torch.testing.assert_close(p.detach() - b, e, rtol=2e-4, atol=2e-6)
     return stats
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_shared_prompt_forward_runs_and_gives_the_formula_gradient(share, monkeypatch):
+    """Episodes 1 and 3 share a prompt: with share_prompts the update (and the KL's reference forward) runs it
+    once, and the parameter change is still minus the gradient of the per-sequence formula."""
+    calls = []
+    real = grpo._forward_continuations
+    monkeypatch.setattr(grpo, "_forward_continuations", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    check_update("ppo", "token-mean", 4, share_prompts=share, beta=0.1, kl="k3")
+    assert len(calls) == (2 if share else 0)  # the policy's forward and the reference model's
 
 
 @pytest.mark.parametrize("micro", [4, 1])
