@@ -10,7 +10,11 @@ torch.cuda.max_memory_allocated minus the allocation before the update. The para
 is compared (max abs difference). The body is small and the vocabulary Qwen's, so the logits dominate, as they
 do per micro-batch at any model size; `--shape` takes a named shape of bench_rollout.py instead (Qwen2.5-0.5B,
 1.5B, 3B, Qwen3-0.6B, small; random weights). Each variant also reports its model FLOP rate (6 x parameters x
-tokens per second) and, with `--peak_tflops` (the device's dense peak), the model FLOP utilization.
+the tokens it runs, per second) and, with `--peak_tflops` (the device's dense peak), the model FLOP utilization.
+
+`--group G` makes the rows GRPO groups: rows / G prompts (of `--prompt_tokens`), G completions each; a third
+variant then runs each prompt once (`UpdateConfig.share_prompts`, the default in training; the other two run
+every prompt + completion as one row, as with `training.share_prompts: false`).
 Prints a table, then one JSON line.
 """
 
@@ -57,13 +61,16 @@ def child(args: argparse.Namespace) -> None:
                           torch_dtype=args.dtype)
     model = Transformer.from_config(cfg, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(1)
-    episodes = [Episode(prompt="", prompt_token_ids=torch.randint(0, args.vocab, (32,), generator=g).tolist(),
+    prompts = [torch.randint(0, args.vocab, (args.prompt_tokens,), generator=g).tolist()
+               for _ in range(-(-args.rows // args.group))]
+    episodes = [Episode(prompt="", prompt_token_ids=prompts[i // args.group],
                         generated_token_ids=torch.randint(0, args.vocab, (args.new_tokens,), generator=g).tolist(),
-                        text="", reward=0.0, reward_info={}, finished=True, group_idx=0) for _ in range(args.rows)]
+                        text="", reward=0.0, reward_info={}, finished=True, group_idx=i // args.group)
+                for i in range(args.rows)]
     advantages = torch.randn(args.rows, generator=g)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    cfg_update = grpo.UpdateConfig(micro_batch_size=args.rows, max_grad_norm=1e9,
+    cfg_update = grpo.UpdateConfig(micro_batch_size=args.rows, max_grad_norm=1e9, share_prompts=bool(args.share),
                                    logits_chunk_tokens=args.chunk if args.chunk > 0 else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -78,7 +85,7 @@ def child(args: argparse.Namespace) -> None:
     peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else (rss_kib("VmHWM:") - base_rss) * 1024
     delta = torch.cat([(p.detach() - b).float().flatten().cpu() for p, b in zip(model.parameters(), before)])
     torch.save(delta, args.out)
-    tokens = args.rows * (32 + args.new_tokens)
+    tokens = grpo.padded_tokens(episodes, bool(args.share))  # the tokens this variant runs (no padding here)
     flops = 6 * model.num_parameters() * tokens  # forward + backward over every token, prompts included
     print(json.dumps({"peak_bytes_above_model": peak, "seconds": seconds, "model_tflops": flops / seconds / 1e12}))
 
@@ -90,6 +97,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--prompt_tokens", type=int, default=32)
+    p.add_argument("--group", type=int, default=1, help="rows per prompt (GRPO's group size); >1 adds the shared variant")
+    p.add_argument("--share", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, default=512, help="the chunked variant's logits_chunk_tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -106,25 +116,28 @@ def main() -> None:
 
         cfg = model_config(args.shape, args.dtype)
         args.vocab, args.hidden, args.layers = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-    keys = ("vocab", "hidden", "layers", "rows", "new_tokens", "device", "dtype", "shape")
+    keys = ("vocab", "hidden", "layers", "rows", "new_tokens", "prompt_tokens", "group", "device", "dtype", "shape")
     results = {k: getattr(args, k) for k in (*keys, "chunk")}
+    variants = {"full_logits": (0, 0), "chunked": (args.chunk, 0)}
+    if args.group > 1:
+        variants["chunked_shared_prompts"] = (args.chunk, 1)
     with tempfile.TemporaryDirectory() as d:
         runs = {}
-        for name, chunk in (("full_logits", 0), ("chunked", args.chunk)):
+        for name, (chunk, share) in variants.items():
             out = f"{d}/{name}.pt"
-            cmd = [sys.executable, __file__, "--child", "--out", out, "--chunk", str(chunk)] + [
+            cmd = [sys.executable, __file__, "--child", "--out", out, "--chunk", str(chunk), "--share", str(share)] + [
                 f"--{k}={getattr(args, k)}" for k in keys]
             line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             runs[name] = json.loads(line)
             runs[name]["delta"] = torch.load(out)
-        diff = float((runs["full_logits"]["delta"] - runs["chunked"]["delta"]).abs().max())
+        diff = max(float((runs["full_logits"]["delta"] - runs[name]["delta"]).abs().max()) for name in variants)
         scale = float(runs["full_logits"]["delta"].abs().max())
     gib = 1024 ** 3
-    print(f"update of {args.rows} x {args.new_tokens} generated tokens, {args.shape or 'custom body'}, vocab "
-          f"{args.vocab}, {args.device}, {args.dtype}")
+    print(f"update of {args.rows} x ({args.prompt_tokens} prompt + {args.new_tokens} generated) tokens, groups of "
+          f"{args.group}, {args.shape or 'custom body'}, vocab {args.vocab}, {args.device}, {args.dtype}")
     print("| variant | peak above model | time | model TFLOP/s | MFU |")
     print("|---|---|---|---|---|")
-    for name in ("full_logits", "chunked"):
+    for name in variants:
         r = runs[name]
         mfu = r["model_tflops"] / args.peak_tflops if args.peak_tflops else None
         print(f"| {name} | {r['peak_bytes_above_model'] / gib:.2f} GiB | {r['seconds']:.1f} s | {r['model_tflops']:.3f} | "
