@@ -38,11 +38,13 @@ def make_model() -> Transformer:
 
 
 def make_batch() -> tuple[list[Episode], torch.Tensor]:
-    """Nine episodes of different prompt and completion lengths, rollout log-probs off the policy's."""
+    """Nine episodes, three groups of three answering one prompt each (the update runs each prompt once), of
+    different prompt and completion lengths, rollout log-probs off the policy's."""
     gen = torch.Generator().manual_seed(5)
     episodes = []
     for k in range(9):
-        prompt = torch.randint(1, 31, (2 + k % 4,), generator=gen).tolist()
+        if k % 3 == 0:
+            prompt = torch.randint(1, 31, (2 + k % 4,), generator=gen).tolist()
         completion = torch.randint(1, 31, (3 + (5 * k) % 7,), generator=gen).tolist()
         episodes.append(Episode(prompt="", prompt_token_ids=prompt, generated_token_ids=completion, text="",
                                 reward=0.0, reward_info={}, finished=True, group_idx=k // 3,
