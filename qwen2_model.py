@@ -587,24 +587,13 @@ class Transformer(nn.Module):
             return self._head(self._continue_prompts(tokens, prompts), None, None, output_hidden, False,
                               compute_logits, head_fn)
         batch, seq = tokens.shape
-        device = tokens.device
         cached = input_pos is not None
         if cached:
-            cache = self.model.layers[0].self_attn.kv_cache
-            if cache is None:
-                raise RuntimeError("forward(input_pos=...) needs the KV cache: call setup_caches() first")
-            if kv_len is None:  # one host sync per step buys attention over kv_len, not max_seq_len
-                kv_len = int(input_pos.max()) + 1
-            max_batch, _, max_len, _ = cache.k_cache.shape
-            if batch > max_batch or kv_len > max_len:
-                raise ValueError(
-                    f"batch {batch} / slot {kv_len - 1} exceeds the caches set up for "
-                    f"max_batch_size={max_batch}, max_seq_len={max_len}"
-                )
+            kv_len = self._cache_length(batch, input_pos, kv_len)
             query_slots = input_pos
         else:
             kv_len = seq
-            query_slots = torch.arange(seq, device=device)
+            query_slots = torch.arange(seq, device=tokens.device)
 
         positions = query_slots[None]  # [1, T]
         if pad_lens is not None:
@@ -622,6 +611,19 @@ class Transformer(nn.Module):
         if logits_positions is not None:
             hidden = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))
         return self._head(hidden, q, k, output_hidden, output_last_qk, compute_logits, head_fn)
+
+    def _cache_length(self, batch: int, input_pos: torch.Tensor, kv_len: int | None) -> int:
+        """The cache slots a cached forward attends over, checked against the caches set up."""
+        cache = self.model.layers[0].self_attn.kv_cache
+        if cache is None:
+            raise RuntimeError("forward(input_pos=...) needs the KV cache: call setup_caches() first")
+        if kv_len is None:  # one host sync per step buys attention over kv_len, not max_seq_len
+            kv_len = int(input_pos.max()) + 1
+        max_batch, _, max_len, _ = cache.k_cache.shape
+        if batch > max_batch or kv_len > max_len:
+            raise ValueError(f"batch {batch} / slot {kv_len - 1} exceeds the caches set up for "
+                             f"max_batch_size={max_batch}, max_seq_len={max_len}")
+        return kv_len
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 input_pos: torch.Tensor | None, kv_len: int, prefix: SharedPrefix | None,
