@@ -28,6 +28,7 @@ class ModelSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
     compile_decode: Optional[bool] = None  # the rollout's decode step via torch.compile / CUDA graphs; null = on CUDA
+    compile_update: bool = False  # the decoder layers of training forwards via torch.compile (fused elementwise ops)
     build_tiny: bool = False  # build the built-in tiny model at `path` when it is missing
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -435,6 +436,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        # Transformer.compile_update: _block through torch.compile, as (layer, *args) -> _block's result
+        self.compiled_block: Callable | None = None
+        self.compiled_ran = False
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -445,11 +449,27 @@ class DecoderLayer(nn.Module):
         prompts go through the layer first, and each row attends to its prompt's keys/values, then its own."""
         past = None
         if prompts is not None:
-            xp, _, kp, vp = self._block(prompts.x, prompts.cos, prompts.sin, prompts.mask, None, 0, None, None)
+            xp, _, kp, vp = self._run(prompts.x, prompts.cos, prompts.sin, prompts.mask, None, 0, None, None)
             past = (kp[prompts.rows], vp[prompts.rows])  # gathered: the backward sums each group's gradients
             prompts = _PromptStream(xp, prompts.cos, prompts.sin, prompts.mask, prompts.rows)
-        x, q, k, _ = self._block(x, cos, sin, mask, input_pos, kv_len, prefix, past)
+        x, q, k, _ = self._run(x, cos, sin, mask, input_pos, kv_len, prefix, past)
         return x, q, k, prompts
+
+    def _run(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_block, compiled in training forwards (gradient enabled) once compile_update was called; rollouts,
+        evaluation and the reference model stay eager. A compile or run failure: eager from then on, warned."""
+        if self.compiled_block is None or not torch.is_grad_enabled():
+            return self._block(*args)
+        if self.compiled_ran:  # past the first call, errors propagate (checkpointing stops its recompute by one)
+            return self.compiled_block(self, *args)
+        try:
+            out = self.compiled_block(self, *args)
+        except Exception as err:  # no C++ compiler, an unsupported backend, ...
+            warnings.warn(f"compiled decoder layer failed ({type(err).__name__}: {err}); training it eagerly")
+            self.compiled_block = None
+            return self._block(*args)
+        self.compiled_ran = True
+        return out
 
     def _block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                input_pos: torch.Tensor | None, kv_len: int, prefix: SharedPrefix | None,
@@ -517,6 +537,14 @@ class Transformer(nn.Module):
         if exclude_embeddings:
             n -= self.model.embed_tokens.weight.numel()
         return n
+
+    def compile_update(self) -> None:
+        """Run the decoder layers of training forwards through torch.compile (dynamic shapes; one compiled block
+        shared by all layers, so it compiles once): it fuses the norms, RoPE and SwiGLU around the matmuls.
+        Forwards without gradient (rollouts, evaluation, the reference model) stay eager."""
+        compiled = torch.compile(DecoderLayer._block, dynamic=True)
+        for layer in self.model.layers:
+            layer.compiled_block = compiled
 
     # -- KV cache --------------------------------------------------------------------------------
 

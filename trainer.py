@@ -96,6 +96,8 @@ def load_policy(config: Config, device: torch.device, task: Task, train_set: Seq
         task.build_model(path, train_set)
     model = Transformer.from_pretrained(path, device=device, dtype=DTYPES[config.model.dtype])
     model.gradient_checkpointing = config.model.gradient_checkpointing
+    if config.model.compile_update:
+        model.compile_update()
     return model, Tokenizer(path)
 
 

@@ -364,6 +364,53 @@ def test_shared_prompts_forward_with_one_token_completions_is_the_prompts_last_l
         assert max_diff(out[1, 0], model(torch.tensor([[5, 6, 7]]))[0, -1]) <= TOL
 
 
+def _gradients(model, conts, shared, weights):
+    model.zero_grad()
+    (model(conts, prompts=shared).logsumexp(-1) * weights).sum().backward()
+    plain = model(torch.cat([shared.tokens[shared.rows], conts], 1)).logsumexp(-1).sum()
+    plain.backward()  # the whole-sequence path as well, into the same gradients
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_update_gives_the_eager_gradients_and_leaves_no_grad_forwards_eager(checkpointing):
+    model = make_ours("qwen3").train()
+    model.gradient_checkpointing = checkpointing
+    conts, shared = _shared_batch(**SHARED)
+    weights = torch.randn(conts.shape)
+    eager = _gradients(model, conts, shared, weights)
+    model.compile_update()
+    calls = []
+    compiled = model.model.layers[0].compiled_block
+    for layer in model.model.layers:
+        layer.compiled_block = lambda *a, _c=compiled: calls.append(1) or _c(*a)
+    with torch.no_grad():
+        model(conts, prompts=shared)
+    assert not calls  # rollouts and evaluation stay eager
+    for a, b in zip(_gradients(model, conts, shared, weights), eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert calls and all(layer.compiled_block is not None for layer in model.model.layers)
+
+
+def test_a_compiled_layer_that_fails_falls_back_to_eager_with_a_warning():
+    model = make_ours("qwen2").train()
+    conts, shared = _shared_batch(**SHARED)
+    weights = torch.randn(conts.shape)
+    eager = _gradients(model, conts, shared, weights)
+
+    def broken(*_):
+        raise RuntimeError("no C++ compiler")
+
+    for layer in model.model.layers:
+        layer.compiled_block = broken
+    with pytest.warns(UserWarning, match="compiled decoder layer failed"):
+        grads = _gradients(model, conts, shared, weights)
+    assert all(layer.compiled_block is None for layer in model.model.layers)
+    for a, b in zip(grads, eager):
+        torch.testing.assert_close(a, b)
+
+
 def test_shared_prompts_refuse_options_that_index_the_whole_sequence():
     model = make_ours("qwen2")
     conts, shared = _shared_batch(**SHARED)
