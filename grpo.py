@@ -594,7 +594,7 @@ def forward_completions(
     values, fewer FLOPs); not with need_last_qk, whose consumers index the whole sequence."""
     device = next(model.parameters()).device
     shared = _shared_prompts(episodes, pad_token_id, device) if share_prompts and not need_last_qk else None
-    if shared is not None:
+    if shared is not None and any(e.generated_token_ids for e in episodes):
         return _forward_continuations(model, episodes, shared, need_hidden, chunk_tokens)
     seqs = [list(e.prompt_token_ids) + list(e.generated_token_ids) for e in episodes]
     width = max(len(s) for s in seqs)
@@ -867,16 +867,17 @@ class _Unit:
     key: int  # its position among the policy micro-batches (the old-log-prob cache key)
 
 
-def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], config: UpdateConfig, d: Dist
-                ) -> list[_Unit | None]:
+def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], config: UpdateConfig, d: Dist,
+                share_prompts: bool) -> list[_Unit | None]:
     """This rank's micro-batches (None = an empty one, to keep ranks in step). Episodes are packed in order of
-    length, so a micro-batch pads little; with several ranks the micro-batches are made small enough that each
-    rank gets some. The full-batch normalizers make the gradient the same whatever the packing."""
+    length, so a micro-batch pads little (or by group, when the forward shares prompts and that runs fewer
+    tokens); with several ranks the micro-batches are made small enough that each rank gets some. The
+    full-batch normalizers make the gradient the same whatever the packing."""
     size = config.micro_batch_size
     if d.enabled:
         size = max(1, min(size, math.ceil(len(episodes) / d.world_size)))
     units = [_Unit("policy", idx, k) for k, idx in
-             enumerate(pack_episodes(episodes, size, config.max_tokens_per_micro_batch, config.share_prompts))]
+             enumerate(pack_episodes(episodes, size, config.max_tokens_per_micro_batch, share_prompts))]
     if teachers and config.teacher_forcing_coef > 0:
         units += [_Unit("teacher", list(idx), -1) for idx in
                   micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch)]
@@ -947,7 +948,9 @@ def update_policy(
     if weighter is not None:
         weighter.begin_batch([e.entropies for e in episodes])
     stats, sums, old_cache = UpdateStats(metrics={}), _Sums(), {}
-    units = _work_units(episodes, teacher_episodes, config, dist)
+    # the attention-credit weighter reads whole-sequence attention, so its forwards never share prompts
+    share = config.share_prompts and not (weighter is not None and weighter.needs_last_qk)
+    units = _work_units(episodes, teacher_episodes, config, dist, share)
     model.train()
     for iteration in range(config.num_iterations):
         optimizer.zero_grad(set_to_none=True)
