@@ -58,6 +58,7 @@ def run_case(case: tuple, d: Dist) -> dict[str, torch.Tensor]:
     strategy, loss, agg, iterations, mb, extras = case
     d = Dist(d.rank, d.world_size, d.local_rank, strategy)
     model = make_model()
+    model.gradient_checkpointing = extras  # checkpointed layers over shared prompts, under DDP and FSDP2 too
     weighter = gm.build_weighter("attribution", hidden_size=32) if extras else None
     wrapped = distributed.wrap(model, d)
     head = weighter.parameters() if weighter is not None else []

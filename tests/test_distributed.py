@@ -66,7 +66,7 @@ def test_unknown_strategy_is_a_config_error(tiny_assets, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_update_equals_one_process(tmp_path):
     """DDP and FSDP2, token-mean and seq-mean-token-mean, PPO with two iterations, uneven micro-batch counts,
-    the attribution head and teacher forcing: after one update the weights (the head's too), the gathered
+    groups sharing prompts, the attribution head, teacher forcing and activation checkpointing: after one update the weights (the head's too), the gathered
     per-token log-probs equal a single process's within 1e-6 and every metric within 1e-5 (SGD, lr 1: the
     change is the gradient)."""
     sys.path.insert(0, str(Path(__file__).parent))
