@@ -10,14 +10,17 @@ the vocabulary, so both generate every token):
 - grpo: GRPO's pattern, 16 questions x 8 answers; ours prefills each question once and its 8 rows read that
   prompt's cache once per question in decode (cascade attention; `--cascade off`: each row reads its own copy),
   the reference gets the 128 rows (each prompt repeated 8 times), as a user of `generate` would pass them.
-On CUDA it also reports decode's achieved memory bandwidth (weight bytes x decode steps / time) against the
-device's peak. Prints a table, then one JSON line with every figure.
+`--rows N` sets the distinct workload's batch (e.g. 256 for the GPU decode target). Each side's peak memory
+for one rollout of each workload is measured in a process of its own (bench/peak_memory.py; `--no_memory`
+skips it). On CUDA it also reports decode's achieved memory bandwidth (weight bytes x decode steps / time)
+against the device's peak. Prints a table, then one JSON line with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import PeakMemory  # noqa: E402
 from qwen2_model import ModelConfig, Transformer  # noqa: E402
 from rollout import RolloutEngine, row_keys, stream_key  # noqa: E402
 
@@ -46,6 +51,29 @@ def model_config(shape: str, dtype: str) -> ModelConfig:
                        num_key_value_heads=kv, head_dim=hd, max_position_embeddings=4096, rope_theta=1e6,
                        rms_norm_eps=1e-6, tie_word_embeddings=tied, attention_bias=not qwen3, use_qk_norm=qwen3,
                        torch_dtype=dtype)
+
+
+def workloads(vocab: int, rows: int) -> dict[str, tuple[list[list[int]], int]]:
+    """name -> (prompts, rows per prompt): `rows` distinct prompts of 20-60 tokens; GRPO's 16 questions x 8."""
+    g = torch.Generator().manual_seed(1)
+    distinct = [torch.randint(1, vocab, (int(torch.randint(20, 61, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(max(rows, 16))]
+    return {"distinct": (distinct[:rows], 1), "grpo": (distinct[:16], 8)}
+
+
+def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, sides: tuple[str, ...]) -> dict:
+    """The same random weights (seed 0) as our Transformer and as transformers' model, for the `sides` asked."""
+    import transformers
+
+    torch.manual_seed(0)
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        Transformer.from_config(cfg, dtype=torch.float32).save_pretrained(d)
+        if "ours" in sides:
+            out["ours"] = Transformer.from_pretrained(d, device=device, dtype=dtype).eval()
+        if "reference" in sides:
+            out["reference"] = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+    return out
 
 
 def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
@@ -92,6 +120,32 @@ def reference_run(ref, prompts: list[list[int]], group: int, new_tokens: int, ne
     return go
 
 
+def runner(side: str, model, prompts: list[list[int]], group: int, args: argparse.Namespace, never: int,
+           device: torch.device):
+    choice = {"auto": None, "on": True, "off": False}
+    if side == "ours":
+        return ours_run(model, prompts, group, args.new_tokens, never, choice[args.cascade], choice[args.compile])
+    return reference_run(model, prompts, group, args.new_tokens, never, device)
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """One rollout of one side and workload, in this process alone: print its peak memory."""
+    device, cfg = torch.device(args.device), model_config(args.shape, args.dtype)
+    model = load_models(cfg, device, getattr(torch, args.dtype), (args.memory_of,))[args.memory_of]
+    prompts, group = workloads(cfg.vocab_size, args.rows)[args.workload]
+    go = runner(args.memory_of, model, prompts, group, args, cfg.vocab_size, device)
+    with torch.no_grad(), PeakMemory(device) as memory:
+        go()
+    print(json.dumps({"peak_bytes": memory.bytes}))
+
+
+def peak_memory(args: argparse.Namespace, side: str, workload: str) -> int:
+    flags = [f"--{k}={getattr(args, k)}" for k in ("shape", "device", "dtype", "new_tokens", "cascade", "compile", "rows")]
+    cmd = [sys.executable, __file__, "--memory_of", side, "--workload", workload, *flags]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return int(json.loads(out)["peak_bytes"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
@@ -99,55 +153,57 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new_tokens", type=int, default=96)
+    p.add_argument("--rows", type=int, default=32, help="the distinct workload's batch (distinct prompts)")
     p.add_argument("--cascade", default="auto", choices=["auto", "on", "off"],
                    help="shared-prompt (cascade) attention in our engine: auto = the engine's own choice")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="our decode step via torch.compile (CUDA graphs on CUDA): auto = the engine's own choice")
     p.add_argument("--peak_gbps", type=float, default=None, help="device memory bandwidth for the fraction (CUDA)")
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--memory_of", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--workload", choices=["distinct", "grpo"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_of:
+        memory_child(args)
+        return
     import transformers
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = model_config(args.shape, args.dtype)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        Transformer.from_config(cfg, dtype=torch.float32).save_pretrained(d)
-        ours = Transformer.from_pretrained(d, device=device, dtype=dtype).eval()
-        ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+    models = load_models(cfg, device, dtype, ("ours", "reference"))
     never = cfg.vocab_size  # an end token outside the vocabulary: neither model can sample it
-    g = torch.Generator().manual_seed(1)
-    distinct = [torch.randint(1, never, (int(torch.randint(20, 61, (1,), generator=g)),), generator=g).tolist()
-                for _ in range(32)]
-    questions = distinct[:16]
     results: dict[str, object] = {"shape": args.shape, "device": str(device), "dtype": args.dtype,
                                   "torch": torch.__version__, "transformers": transformers.__version__,
                                   "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
                                   "cascade": args.cascade, "compile": args.compile}
     rows = []
-    for name, prompts, group in (("distinct", distinct, 1), ("grpo", questions, 8)):
+    for name, (prompts, group) in workloads(never, args.rows).items():
         n_tokens = len(prompts) * group * args.new_tokens
         with torch.no_grad():
-            choice = {"auto": None, "on": True, "off": False}
-            go = ours_run(ours, prompts, group, args.new_tokens, never, choice[args.cascade], choice[args.compile])
-            ref_go = reference_run(ref, prompts, group, args.new_tokens, never, device)
+            go, ref_go = (runner(side, models[side], prompts, group, args, never, device) for side in ("ours", "reference"))
             go(), ref_go()  # warm-up for both (and the compile, when compiled) before anything is timed
             t_ours, t_ref = timed_pair(go, ref_go, args.repeats, sync)
-        results[name] = {"ours_tokens_per_s": n_tokens / t_ours, "reference_tokens_per_s": n_tokens / t_ref,
-                         "ratio": t_ref / t_ours, "rows": len(prompts) * group}
-        rows.append((name, len(prompts) * group, n_tokens / t_ours, n_tokens / t_ref, t_ref / t_ours))
+        r = {"ours_tokens_per_s": n_tokens / t_ours, "reference_tokens_per_s": n_tokens / t_ref,
+             "ratio": t_ref / t_ours, "rows": len(prompts) * group}
+        if not args.no_memory:
+            r["ours_peak_bytes"], r["reference_peak_bytes"] = (peak_memory(args, side, name) for side in ("ours", "reference"))
         if device.type == "cuda":
-            weight_bytes = sum(q.numel() * q.element_size() for q in ours.parameters())
-            gbps = weight_bytes * args.new_tokens / t_ours / 1e9
-            results[name]["decode_gbps"] = gbps
+            weight_bytes = sum(q.numel() * q.element_size() for q in models["ours"].parameters())
+            r["decode_gbps"] = weight_bytes * args.new_tokens / t_ours / 1e9
             if args.peak_gbps:
-                results[name]["bandwidth_fraction"] = gbps / args.peak_gbps
-    print(f"shape {args.shape} ({sum(q.numel() for q in ours.parameters()) / 1e6:.1f}M params), {device}, "
+                r["bandwidth_fraction"] = r["decode_gbps"] / args.peak_gbps
+        results[name] = r
+        rows.append((name, r))
+    print(f"shape {args.shape} ({sum(q.numel() for q in models['ours'].parameters()) / 1e6:.1f}M params), {device}, "
           f"{args.dtype}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, best of {args.repeats}, alternating")
-    print("| workload | rows | ours tokens/s | reference tokens/s | ours / reference |")
-    print("|---|---|---|---|---|")
-    for name, n, a, b, r in rows:
-        print(f"| {name} | {n} | {a:,.0f} | {b:,.0f} | {r:.2f}x |")
+    print("| workload | rows | ours tokens/s | reference tokens/s | ours / reference | peak memory, ours / reference |")
+    print("|---|---|---|---|---|---|")
+    mib = 1024 ** 2
+    for name, r in rows:
+        memory = "-" if args.no_memory else f"{r['ours_peak_bytes'] / mib:,.0f} / {r['reference_peak_bytes'] / mib:,.0f} MiB"
+        print(f"| {name} | {r['rows']} | {r['ours_tokens_per_s']:,.0f} | {r['reference_tokens_per_s']:,.0f} | "
+              f"{r['ratio']:.2f}x | {memory} |")
     print(json.dumps(results))
 
 

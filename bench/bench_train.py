@@ -32,13 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
+from peak_memory import PeakMemory  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:
@@ -72,17 +66,13 @@ def child(args: argparse.Namespace) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     cfg_update = grpo.UpdateConfig(micro_batch_size=args.rows, max_grad_norm=1e9, share_prompts=bool(args.share),
                                    logits_chunk_tokens=args.chunk if args.chunk > 0 else None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    base_rss = rss_kib("VmRSS:")
-    t0 = time.perf_counter()
-    grpo.update_policy(model, opt, episodes, advantages, cfg_update)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else (rss_kib("VmHWM:") - base_rss) * 1024
+    with PeakMemory(device) as memory:
+        t0 = time.perf_counter()
+        grpo.update_policy(model, opt, episodes, advantages, cfg_update)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    peak = memory.bytes
     delta = torch.cat([(p.detach() - b).float().flatten().cpu() for p, b in zip(model.parameters(), before)])
     torch.save(delta, args.out)
     tokens = grpo.padded_tokens(episodes, bool(args.share))  # the tokens this variant runs (no padding here)
