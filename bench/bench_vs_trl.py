@@ -7,7 +7,9 @@ The job is the tiny default's step: the same model weights (the built-in tiny mo
 16 Countdown questions x 8 answers, 72 new tokens, temperature 1, lr 1e-4 constant, no KL, token-mean loss
 (TRL's "dapo"), gradient-norm clip 1, the update in 2 micro-batches of 64, on the CPU; ours with credit
 logging on, as in the README's main command. Rounds alternate: `--steps` of ours, then `--steps` of TRL; the
-first step of each block is a warm-up and not counted. Prints a table, then one JSON line.
+first step of each block is a warm-up and not counted. Prints a table, then one JSON line; with 2+ rounds
+also a 95% interval of the ratio from the per-round ratios (t on their logs: each round pairs a block of ours
+with the TRL block right after it, so a slow spell of the machine hits both).
 
 The reward is the same function on both sides. TRL hands reward functions completions decoded with
 special tokens skipped: the tiny model's `<answer>` tags are special tokens, so that text has no tags and
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -31,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import trainer  # noqa: E402
 from config import load_config  # noqa: E402
+from stats import t_interval  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run = our_run(args.config, Path(tmp) / "ours", args.threads, args.overrides)  # builds the tiny model if missing
         ref_model = AutoModelForCausalLM.from_pretrained(run.config.model.path, dtype=torch.float32)
-        ours, ours_rollout, theirs = [], [], []
+        ours, ours_rollout, theirs, round_ratios = [], [], [], []
         step = 1
         for r in range(args.rounds):
             totals, rollouts = time_ours(run, step, args.steps)
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             trl_run, timer = trl_trainer(run, ref_model, Path(tmp) / f"trl{r}", args.steps, seed=r)
             trl_run.train()
             theirs += timer.times[1:]
+            round_ratios.append(statistics.median(timer.times[1:]) / statistics.median(totals[1:]))
             print(f"round {r + 1}: ours {statistics.median(totals[1:]):.3f} s/step, "
                   f"TRL {statistics.median(timer.times[1:]):.3f} s/step", flush=True)
     result = {
@@ -132,9 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         "trl_s_per_step": statistics.median(theirs), "steps_counted_each": len(ours), "overrides": args.overrides,
     }
     result["trl_over_ours"] = result["trl_s_per_step"] / result["ours_s_per_step"]
+    result["round_ratios"] = round_ratios
+    log_ci = t_interval([math.log(x) for x in round_ratios])
+    interval = ""
+    if log_ci.n >= 2:
+        result["ratio_ci95"] = [math.exp(log_ci.low), math.exp(log_ci.high)]
+        interval = f" (95% interval over rounds {result['ratio_ci95'][0]:.2f}-{result['ratio_ci95'][1]:.2f}x)"
     print(f"\n{'':12}{'s/step (median)':>18}\nours{result['ours_s_per_step']:>26.3f}  (rollout "
           f"{result['ours_rollout_s']:.3f})\nTRL {result['trl_s_per_step']:>26.3f}\n"
-          f"TRL takes {result['trl_over_ours']:.2f}x our time per step")
+          f"TRL takes {result['trl_over_ours']:.2f}x our time per step{interval}")
     print(json.dumps(result))
     return 0
 
