@@ -457,7 +457,8 @@ class DecoderLayer(nn.Module):
 
     def _run(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """_block, compiled in training forwards (gradient enabled) once compile_update was called; rollouts,
-        evaluation and the reference model stay eager. A compile or run failure: eager from then on, warned."""
+        evaluation and the reference model stay eager. If its first call fails (e.g. no C++ compiler), eager from
+        then on, with a warning."""
         if self.compiled_block is None or not torch.is_grad_enabled():
             return self._block(*args)
         if self.compiled_ran:  # past the first call, errors propagate (checkpointing stops its recompute by one)
