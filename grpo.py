@@ -22,7 +22,7 @@ from tqdm import tqdm
 from data_types import Episode, TokenBatch, UpdateStats
 from distributed import (Dist, all_sum, clip_grad_norm, gather, grad_scale, gradient_sync, split_work, sum_gradients,
                          sum_values)
-from qwen2_model import SharedPrompts
+from qwen2_model import SharedPrompts, left_pad
 from rollout import RolloutEngine, RolloutOutput, row_keys, stream_key
 
 # ============================================================================ sampling (entry points; the engine is rollout.py)
@@ -572,9 +572,7 @@ def _shared_prompts(episodes: Sequence[Episode], pad_token_id: int, device: Any)
     rows = [index.setdefault(tuple(e.prompt_token_ids), len(index)) for e in episodes]
     if len(index) == len(episodes):
         return None
-    width = max(len(p) for p in index)
-    tokens = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in index], dtype=torch.long, device=device)
-    pad_lens = torch.tensor([width - len(p) for p in index], device=device)
+    tokens, pad_lens = left_pad(list(index), pad_token_id, device)
     return SharedPrompts(tokens, pad_lens, torch.tensor(rows, device=device))
 
 

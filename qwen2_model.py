@@ -18,7 +18,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -283,6 +283,17 @@ class SharedPrefix:
         """Prompts left-padded by pad_lens [questions] to `length` slots, in cache rows [0, questions)."""
         padding = torch.arange(length, device=pad_lens.device) < pad_lens[:, None]
         return cls(length, group, len(pad_lens), rows, additive_mask(padding, torch.float32)[:, None, None])
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (tokens [N, width] left-padded with pad_id, pad_lens [N]): the layout of forward(pad_lens=)."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            tokens[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+    return tokens.to(device), torch.tensor([width - len(s) for s in seqs], device=device)
 
 
 @dataclass

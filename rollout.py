@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qwen2_model import SharedPrefix
+from qwen2_model import SharedPrefix, left_pad
 
 MASK64 = (1 << 64) - 1
 
@@ -201,13 +201,10 @@ class RolloutEngine:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Left-padded batched prefill of the distinct prompts: (last-position logits [Q, V], pad_lens [Q], P)."""
-        width = max(len(p) for p in prompts)
-        tokens = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        pad_lens = torch.tensor([width - len(p) for p in prompts], device=device)
+        tokens, pad_lens = left_pad(prompts, 0, device)
+        width = tokens.shape[1]
         last = torch.full((len(prompts), 1), width - 1, device=device)
-        logits = self.model(tokens.to(device), input_pos=torch.arange(width, device=device), pad_lens=pad_lens,
+        logits = self.model(tokens, input_pos=torch.arange(width, device=device), pad_lens=pad_lens,
                             logits_positions=last)[:, -1]
         return logits, pad_lens, width
 
