@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen2_model import (CheckpointError, ModelConfig, ModelOutput, SharedPrefix, SharedPrompts, Transformer,
                          attention_with_lse)
+from qwen2_model import left_pad as model_left_pad
 
 transformers = pytest.importorskip("transformers")
 
@@ -151,6 +152,12 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
     pad_lens = torch.tensor([width - len(s) for s in seqs])
     padded = torch.stack([torch.cat([torch.full((width - len(s),), pad_id), s]) for s in seqs])
     return padded, pad_lens
+
+
+def test_left_pad_is_the_layout_of_pad_lens():
+    tokens, pad_lens = model_left_pad([[5, 6, 7], [8], []], pad_id=9)
+    assert tokens.tolist() == [[5, 6, 7], [9, 9, 8], [9, 9, 9]]
+    assert pad_lens.tolist() == [0, 2, 3]
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
