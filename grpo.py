@@ -566,13 +566,19 @@ class CompletionForward:
     logit_grad_norm: torch.Tensor | None = None  # [b, T] ||onehot(target) - p||_2, detached
 
 
-def _shared_prompts(episodes: Sequence[Episode], pad_token_id: int, device: Any) -> SharedPrompts | None:
-    """The distinct prompts of `episodes` (left-padded) and each episode's, or None when none repeats."""
+def prompt_groups(episodes: Sequence[Episode]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The distinct prompts of `episodes` (by their tokens, in first-seen order) and each episode's index there."""
     index: dict[tuple[int, ...], int] = {}
     rows = [index.setdefault(tuple(e.prompt_token_ids), len(index)) for e in episodes]
-    if len(index) == len(episodes):
+    return list(index), rows
+
+
+def _shared_prompts(episodes: Sequence[Episode], pad_token_id: int, device: Any) -> SharedPrompts | None:
+    """The distinct prompts of `episodes` (left-padded) and each episode's, or None when none repeats."""
+    prompts, rows = prompt_groups(episodes)
+    if len(prompts) == len(episodes):
         return None
-    tokens, pad_lens = left_pad(list(index), pad_token_id, device)
+    tokens, pad_lens = left_pad(prompts, pad_token_id, device)
     return SharedPrompts(tokens, pad_lens, torch.tensor(rows, device=device))
 
 
@@ -605,17 +611,8 @@ def forward_completions(
     mask = offsets[None, :] < gen_lens[:, None]
     pred_pos = (prompt_lens[:, None] - 1 + offsets[None, :]).clamp(max=width - 1)
     targets = tokens.gather(1, (pred_pos + 1).clamp(max=width - 1)).masked_fill(~mask, 0)
-    if chunk_tokens:
-        out = model(tokens, output_hidden=need_hidden, output_last_qk=need_last_qk, logits_positions=pred_pos,
-                    compute_logits=False, head_fn=lambda h, w: chunked_token_statistics(h, w, targets, chunk_tokens))
-        return CompletionForward(None, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k,
-                                 *out.head_output)
-    out = model(tokens, output_hidden=need_hidden, output_last_qk=need_last_qk, logits_positions=pred_pos)
-    logits = out if isinstance(out, torch.Tensor) else out.logits
-    stats = _chunk_statistics_from_logits(logits, targets)
-    if not (need_hidden or need_last_qk):
-        return CompletionForward(logits, targets, mask, prompt_lens, None, None, None, *stats)
-    return CompletionForward(logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k, *stats)
+    return _model_statistics(model, tokens, targets, mask, prompt_lens, chunk_tokens, output_hidden=need_hidden,
+                             output_last_qk=need_last_qk, logits_positions=pred_pos)
 
 
 def _forward_continuations(model: torch.nn.Module, episodes: Sequence[Episode], shared: SharedPrompts,
@@ -626,14 +623,25 @@ def _forward_continuations(model: torch.nn.Module, episodes: Sequence[Episode], 
     mask = torch.arange(int(gen_lens.max()), device=device)[None, :] < gen_lens[:, None]
     targets = _pad([e.generated_token_ids for e in episodes], mask.shape[1], 0, torch.long, device)
     prompt_lens = torch.tensor([len(e.prompt_token_ids) for e in episodes], device=device)
+    return _model_statistics(model, targets, targets, mask, prompt_lens, chunk_tokens, prompts=shared,
+                             output_hidden=need_hidden)
+
+
+def _model_statistics(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                      prompt_lens: torch.Tensor, chunk_tokens: int | None, **options: Any) -> CompletionForward:
+    """model(tokens, **options), whose outputs are aligned on `targets`, and the per-token statistics: over
+    chunks inside the forward (chunked_token_statistics) or from the whole logits."""
     if chunk_tokens:
-        out = model(targets, prompts=shared, output_hidden=need_hidden, compute_logits=False,
+        out = model(tokens, compute_logits=False, **options,
                     head_fn=lambda h, w: chunked_token_statistics(h, w, targets, chunk_tokens))
-        return CompletionForward(None, targets, mask, prompt_lens, out.hidden, None, None, *out.head_output)
-    out = model(targets, prompts=shared, output_hidden=need_hidden)
-    logits = out if isinstance(out, torch.Tensor) else out.logits
-    return CompletionForward(logits, targets, mask, prompt_lens, None if isinstance(out, torch.Tensor) else out.hidden,
-                             None, None, *_chunk_statistics_from_logits(logits, targets))
+        return CompletionForward(None, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k,
+                                 *out.head_output)
+    out = model(tokens, **options)
+    if isinstance(out, torch.Tensor):  # neither hidden states nor q/k were asked for
+        return CompletionForward(out, targets, mask, prompt_lens, None, None, None,
+                                 *_chunk_statistics_from_logits(out, targets))
+    return CompletionForward(out.logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k,
+                             *_chunk_statistics_from_logits(out.logits, targets))
 
 
 def micro_batches(episodes: Sequence[Episode], max_size: int, max_tokens: int | None = None) -> list[range]:
@@ -660,7 +668,7 @@ def padded_tokens(episodes: Sequence[Episode], share_prompts: bool) -> int:
     shared prompts each distinct prompt once (left-padded to the longest) plus rows x the longest completion."""
     if not share_prompts:
         return len(episodes) * max(len(e.prompt_token_ids) + len(e.generated_token_ids) for e in episodes)
-    prompts = {tuple(e.prompt_token_ids) for e in episodes}
+    prompts, _ = prompt_groups(episodes)
     if len(prompts) == len(episodes):
         return padded_tokens(episodes, False)
     return (len(prompts) * max(len(p) for p in prompts)
@@ -674,12 +682,13 @@ def pack_episodes(episodes: Sequence[Episode], size: int, max_tokens: int | None
     n = len(episodes)
     orders = [sorted(range(n), key=lambda i: len(episodes[i].prompt_token_ids) + len(episodes[i].generated_token_ids))]
     if share_prompts:
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, e in enumerate(episodes):
-            groups.setdefault(tuple(e.prompt_token_ids), []).append(i)
-        length = {key: sum(len(episodes[i].generated_token_ids) for i in rows) / len(rows) for key, rows in groups.items()}
-        orders.append([i for key in sorted(groups, key=lambda k: length[k])
-                       for i in sorted(groups[key], key=lambda i: len(episodes[i].generated_token_ids))])
+        prompts, of = prompt_groups(episodes)
+        groups: list[list[int]] = [[] for _ in prompts]
+        for i, g in enumerate(of):
+            groups[g].append(i)
+        gen = [len(e.generated_token_ids) for e in episodes]
+        orders.append([i for group in sorted(groups, key=lambda rows: sum(gen[i] for i in rows) / len(rows))
+                       for i in sorted(group, key=lambda i: gen[i])])
     best, best_cost = [], math.inf
     for order in orders:
         packed = [[order[j] for j in idx] for idx in micro_batches([episodes[i] for i in order], size, max_tokens)]
