@@ -461,7 +461,9 @@ class DecoderLayer(nn.Module):
         past = None
         if prompts is not None:
             xp, _, kp, vp = self._run(prompts.x, prompts.cos, prompts.sin, prompts.mask, None, 0, None, None)
-            past = (kp[prompts.rows], vp[prompts.rows])  # gathered: the backward sums each group's gradients
+            # gathered per row; index_select's backward sums a group's gradients in a fixed order (advanced
+            # indexing's accumulates in parallel on CPU, and the update would differ in the last bits run to run)
+            past = (kp.index_select(0, prompts.rows), vp.index_select(0, prompts.rows))
             prompts = _PromptStream(xp, prompts.cos, prompts.sin, prompts.mask, prompts.rows)
         x, q, k, _ = self._run(x, cos, sin, mask, input_pos, kv_len, prefix, past)
         return x, q, k, prompts
@@ -696,7 +698,7 @@ class Transformer(nn.Module):
         mask = additive_mask(~torch.cat((real, causal), dim=-1), xp.dtype)[:, None]
         x, _, _, stream = self._layers(self.model.embed_tokens(inputs), cos, sin, mask, None, width, None, stream)
         last = self.model.norm(stream.x[:, -1:])  # left-padded: each prompt's last token is in the last slot
-        return torch.cat((last[prompts.rows], self.model.norm(x)), dim=1)
+        return torch.cat((last.index_select(0, prompts.rows), self.model.norm(x)), dim=1)
 
     def _head(self, hidden: torch.Tensor, q: torch.Tensor | None, k: torch.Tensor | None, output_hidden: bool,
               output_last_qk: bool, compute_logits: bool, head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None
