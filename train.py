@@ -10,6 +10,7 @@ algorithm.adv_estimator=softmax algorithm.tau=0.5`; unknown keys are an error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from config import ConfigError, load_config
@@ -54,5 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     return run(args.config, args.overrides, args.resume)
 
 
+def exit_process(code: int) -> None:
+    """Exit with `code`. A torchrun worker skips the interpreter's teardown: by then every file is written and
+    closed and the process group destroyed, yet torch's C++ threads can still abort a rank during teardown
+    ("terminate called without an active exception") after a finished run, and torchrun reports a failure."""
+    if "LOCAL_RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

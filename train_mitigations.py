@@ -17,7 +17,7 @@ from typing import Any
 from pathlib import PurePosixPath
 
 from grpo_mitigations import WEIGHTERS, weighter_params
-from train import build_parser, run
+from train import build_parser, exit_process, run
 
 def mitigation_flags() -> dict[str, str]:
     """--flag -> help text, from the parameters each weighter declares (grpo_mitigations.Param)."""
@@ -69,4 +69,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
