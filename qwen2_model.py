@@ -673,7 +673,7 @@ class Transformer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, _PromptStream | None]:
         q = k = None
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, q, k, prompts = checkpoint(layer, x, cos, sin, mask, input_pos, kv_len, prefix, prompts,
                                               use_reentrant=False)
             else:

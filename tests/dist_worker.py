@@ -39,7 +39,7 @@ def make_model() -> Transformer:
 
 def make_batch() -> tuple[list[Episode], torch.Tensor]:
     """Nine episodes, three groups of three answering one prompt each (the update runs each prompt once), of
-    different prompt and completion lengths, rollout log-probs off the policy's."""
+    different prompt and completion lengths, rollout log-probs off the policy's; the middle group is flat."""
     gen = torch.Generator().manual_seed(5)
     episodes = []
     for k in range(9):
@@ -50,7 +50,9 @@ def make_batch() -> tuple[list[Episode], torch.Tensor]:
                                 reward=0.0, reward_info={}, finished=True, group_idx=k // 3,
                                 log_probs=(-2.0 - torch.rand(len(completion), generator=gen)).tolist(),
                                 entropies=torch.rand(len(completion), generator=gen).tolist()))
-    return episodes, torch.randn(9, generator=gen)
+    advantages = torch.randn(9, generator=gen)
+    advantages[3:6] = 0.0  # a flat group: without KL or a learned head its micro-batches skip the backward
+    return episodes, advantages
 
 
 def run_case(case: tuple, d: Dist) -> dict[str, torch.Tensor]:

@@ -73,7 +73,8 @@ def make_episodes(model: Transformer) -> list[Episode]:
 
 
 def reference_weights(name: str, model: Transformer, episodes: list[Episode], lps: list[torch.Tensor],
-                      weighter: gm.TokenWeighter, params: dict, reg_terms: list) -> list[torch.Tensor]:
+                      weighter: gm.TokenWeighter, params: dict, reg_terms: list, advantages=ADVANTAGES
+                      ) -> list[torch.Tensor]:
     out = []
     all_h = np.concatenate([e.entropies for e in episodes])
     threshold = np.percentile(all_h, params["mask_percentile"])
@@ -101,7 +102,7 @@ def reference_weights(name: str, model: Transformer, episodes: list[Episode], lp
                 hidden = hidden.detach()
             scores = hidden @ weighter.head.proj.weight[0]
             if params.get("objective") == "advantage_regression":  # detached weights; the head fits A
-                a = ADVANTAGES[len(out)]
+                a = advantages[len(out)]
                 w = (torch.softmax(math.copysign(1.0, a) * scores, 0) * n).detach()
                 reg_terms.append((scores.mean() - a) ** 2)
             else:
@@ -165,16 +166,16 @@ def aggregate(rows: list[torch.Tensor], mode: str) -> torch.Tensor:
 
 
 def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="none", weighter=None, params=None,
-                   ref_model=None, beta=0.0, kl="k3", entropy_coef=0.0) -> torch.Tensor:
+                   ref_model=None, beta=0.0, kl="k3", entropy_coef=0.0, advantages=ADVANTAGES) -> torch.Tensor:
     lps, logps = [], []
     for e in episodes:
         lp, logp, _ = per_sequence_forward(model, e)
         lps.append(lp)
         logps.append(logp)
     reg_terms: list[torch.Tensor] = []
-    weights = reference_weights(weighter_name, model, episodes, lps, weighter, params or {}, reg_terms)
+    weights = reference_weights(weighter_name, model, episodes, lps, weighter, params or {}, reg_terms, advantages)
     rows = []
-    for e, lp, logp, w, a in zip(episodes, lps, logps, weights, ADVANTAGES):
+    for e, lp, logp, w, a in zip(episodes, lps, logps, weights, advantages):
         old = torch.tensor(e.log_probs) if old_mode == "rollout" else lp.detach()
         row = reference_token_loss(loss_name, lp, old, a * w)
         if beta:
@@ -193,7 +194,7 @@ def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="no
 
 
 def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout", weighter_name="none",
-                 head: dict | None = None, max_tokens=None, share_prompts=True, **terms):
+                 head: dict | None = None, max_tokens=None, share_prompts=True, advantages=ADVANTAGES, **terms):
     params = {"think_discount": 0.3, "epsilon": 0.1, "credit_scale": 2.0, "entropy_temp": 0.7,
               "mask_percentile": 60.0, "attribution_entropy_coef": 0.0, "attribution_lr": None, **(head or {})}
     model, ref_model = make_model(0), make_model(1)
@@ -207,7 +208,7 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
 
     # expected: minus the gradient of the reference loss
     ref = reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name, weighter, params,
-                         ref_model=ref_model, **terms)
+                         ref_model=ref_model, advantages=advantages, **terms)
     grads = torch.autograd.grad(ref, all_params, allow_unused=True)
     expected = [-(g if g is not None else torch.zeros_like(p)) for p, g in zip(all_params, grads)]
     assert sum(float(g.abs().sum()) for g in expected) > 0
@@ -220,7 +221,7 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
                             entropy_coef=terms.get("entropy_coef", 0.0),
                             **({} if loss_name == "gspo" else {"epsilon_low": EPS_LOW, "epsilon_high": EPS_HIGH}))
     opt = torch.optim.SGD(all_params, lr=1.0)
-    stats = grpo.update_policy(model, opt, episodes, torch.tensor(ADVANTAGES), cfg, weighter,
+    stats = grpo.update_policy(model, opt, episodes, torch.tensor(advantages), cfg, weighter,
                                ref_model if terms.get("beta") else None, extra)
     assert not stats.skipped
     for p, b, e in zip(all_params, before, expected):
@@ -361,3 +362,89 @@ def test_micro_batches_packed_by_a_token_budget():
 @pytest.mark.parametrize("loss_name", ["pg", "dual_clip"])
 def test_token_budget_packing_gives_the_formula_gradient(loss_name, max_tokens):
     check_update(loss_name, "seq-mean-token-mean", 8, weighter_name="inverse_logprob", max_tokens=max_tokens)
+
+
+# ------------------------------------------------------------------ episodes whose loss has zero gradient
+
+FLAT = [1.3, 0.0, 0.5, 0.0]  # episodes 1 and 3 (one shared prompt) carry no advantage, as a flat GRPO group
+
+
+def record_grad_mode(monkeypatch) -> list[bool]:
+    """Whether autograd was on in each policy micro-batch's forward, in the order they ran."""
+    modes: list[bool] = []
+    real = grpo._micro_batch_loss
+    monkeypatch.setattr(grpo, "_micro_batch_loss",
+                        lambda *a, **kw: modes.append(torch.is_grad_enabled()) or real(*a, **kw))
+    return modes
+
+
+@pytest.mark.parametrize("loss_name", sorted(grpo.POLICY_LOSSES))
+def test_every_policy_loss_has_exactly_zero_gradient_at_zero_advantage(loss_name):
+    """The contract zero_gradient_episodes relies on: each registered loss is A x (something finite) per token,
+    so a loss with a term of its own (an entropy term, say) fails here."""
+    gen = torch.Generator().manual_seed(0)
+    lp = (-3 * torch.rand(3, 5, generator=gen)).requires_grad_()
+    old = lp.detach() + 0.5 * torch.randn(3, 5, generator=gen)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    cfg = grpo.UpdateConfig(policy_loss=loss_name)
+    grads = []
+    for adv in (torch.zeros(3, 5), torch.ones(3, 5)):
+        token_loss, _ = grpo.POLICY_LOSSES[loss_name].fn(lp, old, adv, mask, cfg)
+        grads.append(torch.autograd.grad(grpo.aggregate_loss(token_loss, mask, cfg.agg_mode), lp)[0])
+    assert torch.equal(grads[0], torch.zeros_like(lp))
+    assert grads[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("micro", [4, 1])
+@pytest.mark.parametrize("loss_name", sorted(grpo.POLICY_LOSSES))
+def test_zero_advantage_episodes_skip_the_backward_and_the_update_is_the_formula(loss_name, micro, monkeypatch):
+    modes = record_grad_mode(monkeypatch)
+    old_mode = "recompute" if loss_name == "gspo" else "rollout"  # GSPO's tiny clip range clips every rollout ratio
+    check_update(loss_name, "token-mean", micro, old_mode, weighter_name="outcome_conditional", advantages=FLAT)
+    assert modes == [False] * (len(modes) - modes.count(True)) + [True] * modes.count(True)  # frozen ones first
+    assert 0 < modes.count(False) < len(modes)
+
+
+@pytest.mark.parametrize("terms", [{"beta": 0.3, "kl": "k3"}, {"entropy_coef": 0.05},
+                                   {"weighter_name": "attribution"}])
+def test_terms_that_do_not_scale_with_the_advantage_keep_every_backward(terms, monkeypatch):
+    """KL, the entropy bonus and a learned weighter's own loss have a gradient at A = 0: nothing is skipped."""
+    modes = record_grad_mode(monkeypatch)
+    check_update("pg", "token-mean", 2, advantages=FLAT, **terms)
+    assert modes and all(modes)
+
+
+def run_update(skip: bool, advantages: list[float], optimizer: str = "sgd", before: list[float] | None = None
+               ) -> tuple[grpo.UpdateStats, dict[str, torch.Tensor]]:
+    model = make_model(0)
+    episodes = make_episodes(model)
+    opt = (torch.optim.SGD(model.parameters(), lr=1.0) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    weighter = gm.build_weighter("inverse_logprob", epsilon=0.1)
+    cfg = grpo.UpdateConfig(micro_batch_size=2, policy_loss="ppo", skip_zero_gradient=skip, max_grad_norm=1e9)
+    if before is not None:  # an earlier update, so AdamW has momentum
+        grpo.update_policy(model, opt, episodes, torch.tensor(before), cfg, weighter)
+    stats = grpo.update_policy(model, opt, episodes, torch.tensor(advantages), cfg, weighter)
+    return stats, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_skipping_the_zero_gradient_backward_changes_no_metric_token_array_or_weight():
+    (on, w_on), (off, w_off) = run_update(True, FLAT), run_update(False, FLAT)
+    assert on.metrics.keys() == off.metrics.keys()
+    for k in on.metrics:
+        assert on.metrics[k] == pytest.approx(off.metrics[k], rel=1e-5, abs=1e-6), k  # weight/std: sqrt of a difference
+    for name in ("token_log_probs", "token_entropies", "token_weights", "token_logit_grad_norms"):
+        for a, b in zip(getattr(on, name), getattr(off, name), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    for k in w_on:
+        torch.testing.assert_close(w_on[k], w_off[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_without_any_gradient_still_steps_adamw_exactly_as_the_full_backward():
+    """Every episode flat: the last micro-batch still runs its backward, so each gradient exists (zeros) and
+    AdamW's momentum and weight decay move the weights exactly as when every backward runs."""
+    start = {k: v.clone() for k, v in make_model(0).state_dict().items()}
+    (_, on), (_, off) = (run_update(skip, [0.0] * 4, "adamw", before=ADVANTAGES) for skip in (True, False))
+    for k in on:
+        assert torch.equal(on[k], off[k]), k
+    assert any(not torch.equal(on[k], start[k]) for k in on)
