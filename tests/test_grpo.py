@@ -425,6 +425,35 @@ def test_pack_episodes_partitions_the_batch_and_keeps_groups_when_that_runs_fewe
         assert cost[True] < cost[False]
 
 
+@pytest.mark.parametrize("with_teachers", [True, False])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("flat", [(), (0, 1, 2, 3), (4, 5, 6, 7, 8, 9, 10, 11), tuple(range(12))])
+def test_work_units_skip_the_backward_at_the_same_positions_on_every_rank(world, flat, with_teachers):
+    """Zero-gradient micro-batches: every episode runs exactly once over the ranks, frozen micro-batches hold
+    only flat episodes and come first, ranks agree on which positions run a backward (FSDP2 gathers weights
+    in each), and the last position always runs one."""
+    from distributed import Dist
+
+    eps = [_episode([q] * 5, [1] * (2 + j)) for q in range(3) for j in range(4)]
+    teachers = eps[:3] if with_teachers else []
+    cfg = grpo.UpdateConfig(micro_batch_size=2, teacher_forcing_coef=0.5)
+    frozen = [i in flat for i in range(len(eps))]
+    per_rank = [grpo._work_units(eps, teachers, cfg, Dist(r, world), True, frozen) for r in range(world)]
+    assert len({len(units) for units in per_rank}) == 1
+    flags = [[backward for _, backward in units] for units in per_rank]
+    assert all(f == flags[0] for f in flags) and flags[0][-1]
+    policy = sorted(j for units in per_rank for u, _ in units if u is not None and u.kind == "policy" for j in u.index)
+    assert policy == list(range(len(eps)))
+    for units in per_rank:
+        for k, (u, backward) in enumerate(units):
+            if u is not None and u.kind == "policy":
+                assert all(frozen[j] == u.frozen for j in u.index)
+                assert backward == (not u.frozen or k == len(units) - 1)
+    # flat episodes fill ceil(n / 2) micro-batches, spread over the ranks, then the live ones and the teachers'
+    last_is_frozen = len(flat) == len(eps) and not with_teachers
+    assert sum(not b for b in flags[0]) == math.ceil(math.ceil(len(flat) / 2) / world) - last_is_frozen
+
+
 def test_micro_batching_gives_the_full_batch_gradient():
     eps = [_episode([1, 2, 3], [4, 5, 6, 7]), _episode([1, 2], [8, 9, 10]), _episode([4], [11, 12])]
     adv = torch.tensor([0.7, -1.2, 0.4])
