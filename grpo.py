@@ -906,20 +906,21 @@ def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], config
     size = config.micro_batch_size
     if d.enabled:
         size = max(1, min(size, math.ceil(len(episodes) / d.world_size)))
-    kinds: list[list[_Unit]] = []
+    kinds: list[tuple[list[_Unit], bool]] = []  # (micro-batches, whether they run a backward)
+    key = 0  # numbers the policy micro-batches
     for is_frozen in (True, False):
         part = [i for i in range(len(episodes)) if bool(frozen[i]) == is_frozen]
         packed = pack_episodes([episodes[i] for i in part], size, config.max_tokens_per_micro_batch,
                                share_prompts) if part else []
-        start = sum(len(k) for k in kinds)  # keys number the policy micro-batches
-        kinds.append([_Unit("policy", [part[j] for j in mb], start + k, is_frozen) for k, mb in enumerate(packed)])
+        kinds.append(([_Unit("policy", [part[j] for j in mb], key + k, is_frozen) for k, mb in enumerate(packed)],
+                      not is_frozen))
+        key += len(packed)
     if teachers and config.teacher_forcing_coef > 0:
-        kinds.append([_Unit("teacher", list(idx), -1) for idx in
-                      micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch)])
+        kinds.append(([_Unit("teacher", list(idx), -1) for idx in
+                       micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch)], True))
     mine: list[tuple[_Unit | None, bool]] = []
-    for units in kinds:
+    for units, backward in kinds:
         part, count = split_work(len(units), d)
-        backward = not (units and units[0].frozen)
         mine += [(units[i], backward) for i in part] + [(None, backward)] * (count - len(part))
     if mine:
         mine[-1] = (mine[-1][0], True)
