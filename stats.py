@@ -43,6 +43,15 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
     return Interval(mean, float(_scipy.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n), n, sd)
 
 
+def ratio_interval(ratios: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Geometric mean of positive ratios (e.g. paired timings a_i / b_i) and its t-based interval, computed
+    on their logs (a ratio's error is multiplicative): (mean, low, high), low and high NaN below 2 ratios."""
+    if any(r <= 0 for r in ratios):
+        raise ValueError(f"ratios must be positive, got {list(ratios)}")
+    logs = t_interval([math.log(r) for r in ratios], confidence)
+    return math.exp(logs.mean), math.exp(logs.low), math.exp(logs.high)
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     diff: Interval  # of (treatment - baseline) per seed

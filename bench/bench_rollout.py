@@ -13,7 +13,9 @@ the vocabulary, so both generate every token):
 `--rows N` sets the distinct workload's batch (e.g. 256 for the GPU decode target). Each side's peak memory
 for one rollout of each workload is measured in a process of its own (bench/peak_memory.py; `--no_memory`
 skips it). On CUDA it also reports decode's achieved memory bandwidth (weight bytes x decode steps / time)
-against the device's peak. Prints a table, then one JSON line with every figure.
+against the device's peak. Prints a table, then one JSON line with every figure. The ratio is given two
+ways: best of each side's rounds (tokens/s), and the geometric mean of the per-round ratios (each round times
+ours, then the reference) with its 95% t interval: a target is met only when that interval's low end clears it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_memory import PeakMemory  # noqa: E402
 from qwen2_model import ModelConfig, Transformer  # noqa: E402
 from rollout import RolloutEngine, row_keys, stream_key  # noqa: E402
+from stats import ratio_interval  # noqa: E402
 
 # name -> (hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, tied, qwen3)
 SHAPES = {
@@ -76,18 +79,18 @@ def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, side
     return out
 
 
-def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
-    """Best-of-`repeats` seconds of fa and fb, run alternately (a, b, a, b, ...) so that a slow spell of a
-    shared machine hits both sides alike."""
-    best = [float("inf"), float("inf")]
+def timed_pair(fa, fb, repeats: int, sync) -> tuple[list[float], list[float]]:
+    """Seconds of fa and fb in each of `repeats` rounds, run alternately (a, b, a, b, ...) so that a slow
+    spell of a shared machine hits both sides alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        for i, fn in enumerate((fa, fb)):
+        for fn, out in zip((fa, fb), times):
             sync()
             t0 = time.perf_counter()
             fn()
             sync()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0], best[1]
+            out.append(time.perf_counter() - t0)
+    return times
 
 
 def ours_run(model, prompts: list[list[int]], group: int, new_tokens: int, never: int, cascade: bool | None = None,
@@ -183,9 +186,12 @@ def main() -> None:
         with torch.no_grad():
             go, ref_go = (runner(side, models[side], prompts, group, args, never, device) for side in ("ours", "reference"))
             go(), ref_go()  # warm-up for both (and the compile, when compiled) before anything is timed
-            t_ours, t_ref = timed_pair(go, ref_go, args.repeats, sync)
+            ours_times, ref_times = timed_pair(go, ref_go, args.repeats, sync)
+        t_ours, t_ref = min(ours_times), min(ref_times)
+        paired = ratio_interval([b / a for a, b in zip(ours_times, ref_times)])
         r = {"ours_tokens_per_s": n_tokens / t_ours, "reference_tokens_per_s": n_tokens / t_ref,
-             "ratio": t_ref / t_ours, "rows": len(prompts) * group}
+             "ratio": t_ref / t_ours, "paired_ratio": paired[0], "paired_ratio_ci95": list(paired[1:]),
+             "ours_s": ours_times, "reference_s": ref_times, "rows": len(prompts) * group}
         if not args.no_memory:
             r["ours_peak_bytes"], r["reference_peak_bytes"] = (peak_memory(args, side, name) for side in ("ours", "reference"))
         if device.type == "cuda":
@@ -197,13 +203,15 @@ def main() -> None:
         rows.append((name, r))
     print(f"shape {args.shape} ({sum(q.numel() for q in models['ours'].parameters()) / 1e6:.1f}M params), {device}, "
           f"{args.dtype}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, best of {args.repeats}, alternating")
-    print("| workload | rows | ours tokens/s | reference tokens/s | ours / reference | peak memory, ours / reference |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | rows | ours tokens/s | reference tokens/s | ours / reference (best of each) | "
+          "paired rounds: mean [95% interval] | peak memory, ours / reference |")
+    print("|---|---|---|---|---|---|---|")
     mib = 1024 ** 2
     for name, r in rows:
         memory = "-" if args.no_memory else f"{r['ours_peak_bytes'] / mib:,.0f} / {r['reference_peak_bytes'] / mib:,.0f} MiB"
         print(f"| {name} | {r['rows']} | {r['ours_tokens_per_s']:,.0f} | {r['reference_tokens_per_s']:,.0f} | "
-              f"{r['ratio']:.2f}x | {memory} |")
+              f"{r['ratio']:.2f}x | {r['paired_ratio']:.2f}x [{r['paired_ratio_ci95'][0]:.2f}, "
+              f"{r['paired_ratio_ci95'][1]:.2f}] | {memory} |")
     print(json.dumps(results))
 
 

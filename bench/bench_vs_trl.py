@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import trainer  # noqa: E402
 from config import load_config  # noqa: E402
-from stats import t_interval  # noqa: E402
+from stats import ratio_interval  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -138,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["trl_over_ours"] = result["trl_s_per_step"] / result["ours_s_per_step"]
     result["round_ratios"] = round_ratios
-    log_ci = t_interval([math.log(x) for x in round_ratios])
+    _, low, high = ratio_interval(round_ratios)
     interval = ""
-    if log_ci.n >= 2:
-        result["ratio_ci95"] = [math.exp(log_ci.low), math.exp(log_ci.high)]
+    if len(round_ratios) >= 2:
+        result["ratio_ci95"] = [low, high]
         interval = f" (95% interval over rounds {result['ratio_ci95'][0]:.2f}-{result['ratio_ci95'][1]:.2f}x)"
     print(f"\n{'':12}{'s/step (median)':>18}\nours{result['ours_s_per_step']:>26.3f}  (rollout "
           f"{result['ours_rollout_s']:.3f})\nTRL {result['trl_s_per_step']:>26.3f}\n"

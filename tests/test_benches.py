@@ -25,6 +25,8 @@ def test_bench_rollout_prints_the_ratio_and_each_sides_peak_memory():
     for name in ("distinct", "grpo"):
         r = result[name]
         assert r["ratio"] > 0 and r["ours_tokens_per_s"] > 0
+        # one round: the paired ratio is that round's, with no interval
+        assert r["paired_ratio"] == pytest.approx(r["reference_s"][0] / r["ours_s"][0])
         assert r["ours_peak_bytes"] > 0 and r["reference_peak_bytes"] > 0
 
 

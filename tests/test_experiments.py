@@ -35,6 +35,22 @@ def test_t_interval_matches_hand_computation():
     assert math.isnan(stats.t_interval([]).mean)
 
 
+def test_ratio_interval_is_the_t_interval_of_the_logs_mapped_back():
+    ratios = [2.0, 1.5, 2.5]
+    logs = [math.log(r) for r in ratios]
+    mean = sum(logs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2)
+    geo, low, high = stats.ratio_interval(ratios)
+    assert geo == pytest.approx((2.0 * 1.5 * 2.5) ** (1 / 3))
+    assert (low, high) == pytest.approx((math.exp(mean - half), math.exp(mean + half)))
+    assert low < geo < high
+    one = stats.ratio_interval([1.7])
+    assert one[0] == pytest.approx(1.7) and math.isnan(one[1]) and math.isnan(one[2])
+    with pytest.raises(ValueError, match="positive"):
+        stats.ratio_interval([1.0, 0.0])
+
+
 def test_paired_test_matches_hand_computation():
     treatment, baseline = [0.50, 0.46, 0.52], [0.45, 0.44, 0.46]
     d = [a - b for a, b in zip(treatment, baseline)]  # 0.05, 0.02, 0.06
