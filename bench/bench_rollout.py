@@ -2,7 +2,7 @@
 weights and prompts, side by side in one run, so the ratio is the number to read.
 
     python bench/bench_rollout.py --shape small [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 3]
-                                  [--cascade auto|on|off] [--compile auto|on|off]
+                                  [--cascade auto|on|off] [--compile auto|on|off] [--pack auto|on|off]
 
 Two workloads, both sampling at temperature 1 with no early stop for either side (the end token is an id outside
 the vocabulary, so both generate every token):
@@ -94,8 +94,8 @@ def timed_pair(fa, fb, repeats: int, sync) -> tuple[list[float], list[float]]:
 
 
 def ours_run(model, prompts: list[list[int]], group: int, new_tokens: int, never: int, cascade: bool | None = None,
-             compile: bool | None = None):
-    engine = RolloutEngine(model, cascade=cascade, compile=compile)
+             compile: bool | None = None, pack: bool | None = None):
+    engine = RolloutEngine(model, cascade=cascade, compile=compile, pack_weights=pack)
     keys = row_keys(stream_key(0), [q for q in range(len(prompts)) for _ in range(group)],
                     [j for _ in prompts for j in range(group)])
 
@@ -127,7 +127,8 @@ def runner(side: str, model, prompts: list[list[int]], group: int, args: argpars
            device: torch.device):
     choice = {"auto": None, "on": True, "off": False}
     if side == "ours":
-        return ours_run(model, prompts, group, args.new_tokens, never, choice[args.cascade], choice[args.compile])
+        return ours_run(model, prompts, group, args.new_tokens, never, choice[args.cascade], choice[args.compile],
+                        choice[args.pack])
     return reference_run(model, prompts, group, args.new_tokens, never, device)
 
 
@@ -143,7 +144,8 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def peak_memory(args: argparse.Namespace, side: str, workload: str) -> int:
-    flags = [f"--{k}={getattr(args, k)}" for k in ("shape", "device", "dtype", "new_tokens", "cascade", "compile", "rows")]
+    flags = [f"--{k}={getattr(args, k)}" for k in ("shape", "device", "dtype", "new_tokens", "cascade", "compile", "pack",
+                                                   "rows")]
     cmd = [sys.executable, __file__, "--memory_of", side, "--workload", workload, *flags]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     return int(json.loads(out)["peak_bytes"])
@@ -161,6 +163,8 @@ def main() -> None:
                    help="shared-prompt (cascade) attention in our engine: auto = the engine's own choice")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="our decode step via torch.compile (CUDA graphs on CUDA): auto = the engine's own choice")
+    p.add_argument("--pack", default="auto", choices=["auto", "on", "off"],
+                   help="our eager step's linear layers from oneDNN-packed weights (CPU fp32): auto = the engine's choice")
     p.add_argument("--peak_gbps", type=float, default=None, help="device memory bandwidth for the fraction (CUDA)")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--memory_of", choices=["ours", "reference"], help=argparse.SUPPRESS)
@@ -179,7 +183,7 @@ def main() -> None:
     results: dict[str, object] = {"shape": args.shape, "device": str(device), "dtype": args.dtype,
                                   "torch": torch.__version__, "transformers": transformers.__version__,
                                   "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
-                                  "cascade": args.cascade, "compile": args.compile}
+                                  "cascade": args.cascade, "compile": args.compile, "pack": args.pack}
     rows = []
     for name, (prompts, group) in workloads(never, args.rows).items():
         n_tokens = len(prompts) * group * args.new_tokens
