@@ -9,7 +9,7 @@ import torch
 
 import grpo
 from data_types import Episode
-from qwen2_model import ModelConfig, Transformer
+from qwen2_model import ModelConfig, Transformer, can_pack
 from rollout import RolloutEngine, keyed_uniform, row_keys, sample_keyed, stream_key
 
 VOCAB = 23
@@ -69,15 +69,20 @@ def run(engine, prompts, group, stream=11, max_new=24, temperature=1.0, qids=Non
     return engine.generate(prompts, keys, group, max_new, EOS, temperature)
 
 
-def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens():
+PACKING = [False, pytest.param(True, marks=pytest.mark.skipif(not can_pack(torch.zeros(1)),
+                                                               reason="no oneDNN in this torch build"))]
+
+
+@pytest.mark.parametrize("pack", PACKING)
+def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens(pack):
     m = model()
-    shared = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, cascade=True), PROMPTS, group=6)
+    shared = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, cascade=True, pack_weights=pack), PROMPTS, group=6)
     assert 0.3 < np.mean(shared.finished) < 1.0  # rows end at different times
     # no compaction at all; each row reading its own copy of the prompt's cache instead of the shared one
-    plain = run(RolloutEngine(m, compact_frac=2.0), PROMPTS, group=6)
-    copied = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, cascade=False), PROMPTS, group=6)
+    plain = run(RolloutEngine(m, compact_frac=2.0, pack_weights=pack), PROMPTS, group=6)
+    copied = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, cascade=False, pack_weights=pack), PROMPTS, group=6)
     # no prefix sharing: each prompt repeated 6 times, group size 1, same row keys
-    engine = RolloutEngine(m)
+    engine = RolloutEngine(m, pack_weights=pack)
     repeated = [p for p in PROMPTS for _ in range(6)]
     keys = row_keys(11, [q for q in range(4) for _ in range(6)], [j for _ in range(4) for j in range(6)])
     unshared = engine.generate(repeated, keys, 1, 24, EOS)
@@ -92,9 +97,10 @@ def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens():
     assert len({tuple(t) for t in shared.tokens[:6]}) > 1
 
 
-def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction():
+@pytest.mark.parametrize("pack", PACKING)
+def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction(pack):
     m = model()
-    out = run(RolloutEngine(m, compact_frac=0.1, sync_every=1, cascade=True), PROMPTS, group=5)
+    out = run(RolloutEngine(m, compact_frac=0.1, sync_every=1, cascade=True, pack_weights=pack), PROMPTS, group=5)
     prompts = [p for p in PROMPTS for _ in range(5)]
     episodes = [Episode(prompt="", prompt_token_ids=p, generated_token_ids=g, text="", reward=0.0, reward_info={},
                         finished=f, group_idx=0) for p, g, f in zip(prompts, out.tokens, out.finished)]
@@ -109,9 +115,10 @@ def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction():
             assert g[-1] in EOS and not any(t in EOS for t in g[:-1])
 
 
-def test_greedy_with_shared_prefixes_is_the_argmax_of_the_full_forward():
+@pytest.mark.parametrize("pack", PACKING)
+def test_greedy_with_shared_prefixes_is_the_argmax_of_the_full_forward(pack):
     m = model()
-    out = run(RolloutEngine(m, cascade=True), PROMPTS, group=3, temperature=0.0, max_new=10)
+    out = run(RolloutEngine(m, cascade=True, pack_weights=pack), PROMPTS, group=3, temperature=0.0, max_new=10)
     for r, tokens in enumerate(out.tokens):
         seq = list(PROMPTS[r // 3])
         for tok in tokens:
@@ -179,3 +186,19 @@ def test_a_decode_step_that_fails_to_compile_falls_back_to_eager():
     with pytest.warns(UserWarning, match="no C.. compiler.*decoding eagerly"):
         out = run(engine, PROMPTS, group=3)
     assert engine._compiled is None and out.tokens == eager.tokens
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="no oneDNN in this torch build")
+def test_packing_is_chosen_by_weight_size_and_dropped_after_each_rollout(monkeypatch):
+    m = model()  # a few KB of weights: below PACK_MIN_BYTES
+    packed_during: list[bool] = []
+    head_forward = m.lm_head.forward
+    monkeypatch.setattr(m.lm_head, "forward", lambda x: (packed_during.append(m.lm_head.packed is not None),
+                                                        head_forward(x))[1])
+    run(RolloutEngine(m), PROMPTS, group=2, max_new=3)
+    assert packed_during and not any(packed_during)
+    packed_during.clear()
+    monkeypatch.setattr(RolloutEngine, "PACK_MIN_BYTES", 1)
+    run(RolloutEngine(m), PROMPTS, group=2, max_new=3)
+    assert packed_during and all(packed_during)
+    assert all(getattr(mod, "packed", None) is None for mod in m.modules())  # dropped once the rollout ended
