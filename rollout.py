@@ -133,8 +133,9 @@ class RolloutEngine:
     (on CPU it is opt-in: ~10% faster on bench_rollout's small shape, after a compile of several seconds
     per process). Any failure to compile or run it falls back to the eager step, with a warning.
     `pack_weights`: an eager rollout runs the model's linear layers from oneDNN-packed copies of their weights
-    (Transformer.packed_linears: CPU fp32 only, one more copy of those weights in memory during the rollout).
-    None = when the step is eager and the model's weights take at least PACK_MIN_BYTES: packing made
+    (Transformer.packed_linears: CPU fp32 only, one more copy of those weights in memory during the rollout;
+    never in the compiled step, which cannot trace them). None = when the model's weights take at least
+    PACK_MIN_BYTES: packing made
     bench_rollout's small shape (21 MB of weights) a quarter to a third faster and gave nothing on the tiny
     default's model (3 MB, which the CPU's caches keep close)."""
 
@@ -234,13 +235,12 @@ class RolloutEngine:
 
     def _packed(self, rows: int) -> contextlib.AbstractContextManager:
         """The model's linear layers from packed weights for this rollout, where asked for (pack_weights)."""
+        if self._compiled is not None or not hasattr(self.model, "packed_linears"):
+            return contextlib.nullcontext()  # the compiled step cannot trace oneDNN's packed weights
         pack = self.pack_weights
         if pack is None:
-            weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            pack = self._compiled is None and weight_bytes >= self.PACK_MIN_BYTES
-        if pack and hasattr(self.model, "packed_linears"):
-            return self.model.packed_linears(rows)
-        return contextlib.nullcontext()
+            pack = sum(p.numel() * p.element_size() for p in self.model.parameters()) >= self.PACK_MIN_BYTES
+        return self.model.packed_linears(rows) if pack else contextlib.nullcontext()
 
     def _generate(self, prompts: Sequence[Sequence[int]], keys: torch.Tensor, group_size: int, max_new_tokens: int,
                   eos_token_ids: Sequence[int], temperature: float, top_p: float, pad_token_id: int) -> RolloutOutput:
