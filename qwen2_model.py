@@ -187,9 +187,9 @@ class ModelOutput:
 
 class Linear(nn.Linear):
     """nn.Linear that can run inference from a copy of its weight reordered for oneDNN (pack()). On CPU that
-    copy is 1.5-4x faster than F.linear at decode batch sizes once the weight is out of cache (measured in
-    BENCHMARKS.md: most at a large vocabulary's lm_head); results agree with F.linear to float rounding, and
-    a row's result does not depend on how many rows share the call. The copy is used only with gradient off
+    copy ran 1.3-4x faster than F.linear at decode batch sizes with the weight out of cache (BENCHMARKS.md;
+    most at a large vocabulary's lm_head); results agree with F.linear to float rounding, and a row's result
+    does not depend on how many rows share the call (tested). The copy is used only with gradient off
     and only while the weight is unchanged since pack() (its in-place version counter), so a forgotten copy
     can never run stale weights: Transformer.packed_linears packs for a rollout and drops the copies after."""
 

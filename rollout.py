@@ -130,14 +130,14 @@ class RolloutEngine:
     `compile`: the decode step through torch.compile, live rows compacted to powers of two (few shapes). On
     CUDA as CUDA graphs (mode "reduce-overhead"), whose fixed shapes attend over the whole cache; elsewhere
     over the slots written so far. None = on CUDA only, where per-kernel launch cost dominates a decode step
-    (on CPU it is opt-in: ~10% faster on bench_rollout's small shape, after a compile of several seconds
-    per process). Any failure to compile or run it falls back to the eager step, with a warning.
+    (on CPU it is opt-in: it was ~10% faster than the plain eager step on bench_rollout's small shape, after
+    a compile of several seconds per process, and is slower than the eager step from packed weights). Any
+    failure to compile or run it falls back to the eager step, with a warning.
     `pack_weights`: an eager rollout runs the model's linear layers from oneDNN-packed copies of their weights
     (Transformer.packed_linears: CPU fp32 only, one more copy of those weights in memory during the rollout;
     never in the compiled step, which cannot trace them). None = when the model's weights take at least
-    PACK_MIN_BYTES: packing made
-    bench_rollout's small shape (21 MB of weights) a quarter to a third faster and gave nothing on the tiny
-    default's model (3 MB, which the CPU's caches keep close)."""
+    PACK_MIN_BYTES: packing made bench_rollout's small shape (21 MB of weights) a quarter to a third faster
+    and gave nothing on the tiny default's model (3 MB, which the CPU's caches keep close)."""
 
     CASCADE_MIN_BYTES = 8192  # the break-even measured on a 2-core CPU: ~40-token prompts at 2 x 32 kv dims
     PACK_MIN_BYTES = 8 << 20
