@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -84,13 +85,16 @@ def sample_keyed(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
     return sample_next(logits, uniforms, temperature, top_p)[0]
 
 
-def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor, top_p: float = 1.0, overwrite: bool = False
+                      ) -> torch.Tensor:
+    """`overwrite`: `probs` may be overwritten by its CDF (no [n, V] allocation for it)."""
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)
         before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(before >= top_p, 0.0)  # the top token always survives
-    cdf = probs.cumsum(dim=-1)  # nondecreasing; a zero-probability entry repeats its predecessor's value
+        probs, overwrite = probs.masked_fill(before >= top_p, 0.0), True  # the top token always survives
+    # nondecreasing; a zero-probability entry repeats its predecessor's value
+    cdf = probs.cumsum_(dim=-1) if overwrite else probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     # the first entry whose CDF exceeds u x total; kept strictly below the total so that entry has mass
     target = torch.minimum(uniforms.to(cdf.dtype).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
@@ -155,9 +159,10 @@ class RolloutEngine:
             self._compiled = torch.compile(_decode_step, mode=mode, fullgraph=True)
 
     def _decode(self, token: torch.Tensor, slot: int, rows: _Rows, prefix: SharedPrefix | None, t: int,
-                temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                temperature: float, top_p: float, workspace: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live rows' last tokens [n] through the model (written at cache `slot`), then position t sampled:
-        (token, log-prob, entropy) [n] each."""
+        (token, log-prob, entropy) [n] each. `workspace`: the eager step's sampling buffers (sample_next)."""
         pos = self._slots[slot:slot + 1]  # a view: no host-to-device copy per token
         sampling = (rows.uniforms[:, t], temperature, top_p)
         if self._compiled is not None:
@@ -169,7 +174,7 @@ class RolloutEngine:
                 warnings.warn(f"compiled decode step failed ({type(err).__name__}: {err}); decoding eagerly")
                 self._compiled = None
         # the slot is known here, so the model need not read it back from the device (a host sync)
-        return _decode_step(self.model, token, pos, rows.pad_lens, slot + 1, prefix, *sampling)
+        return _decode_step(self.model, token, pos, rows.pad_lens, slot + 1, prefix, *sampling, workspace)
 
     def _share_prompts(self, pad_lens: torch.Tensor, width: int, group_size: int, expand: torch.Tensor
                        ) -> SharedPrefix | None:
@@ -254,7 +259,8 @@ class RolloutEngine:
         prefix = self._share_prompts(pad_lens, width, group_size, expand)
         out = _Outputs(n, max_new_tokens, pad_token_id, device)
         eos = torch.tensor(list(eos_token_ids), device=device)
-        sampled = sample_next(logits[expand], rows.uniforms[:, 0], temperature, top_p)
+        workspace = self._workspace(n, logits)
+        sampled = sample_next(logits[expand], rows.uniforms[:, 0], temperature, top_p, workspace)
         for t in range(max_new_tokens):
             token = sampled[0]
             out.record(rows, t, *sampled, eos)
@@ -267,8 +273,16 @@ class RolloutEngine:
                 if live is not rows:
                     rows, token = live, out.tokens[live.ids, t]  # the live rows' last tokens, in their new order
                     prefix = None if prefix is None else replace(prefix, rows=rows.ids)
-            sampled = self._decode(token, width + t, rows, prefix, t + 1, temperature, top_p)
+            sampled = self._decode(token, width + t, rows, prefix, t + 1, temperature, top_p, workspace)
         return out.result()
+
+    def _workspace(self, rows: int, logits: torch.Tensor) -> torch.Tensor | None:
+        """Buffers for an eager CPU rollout's sampling, kept for the rollout: fresh [rows, V] tensors at every
+        step churned glibc's heap, whose top was trimmed and faulted in again (up to 390k page faults, a
+        quarter of the GRPO pattern's rollout time on bench_rollout's small shape). GPU allocators cache."""
+        if logits.device.type != "cpu" or self._compiled is not None:
+            return None
+        return torch.empty((3, rows, logits.shape[-1]), dtype=torch.float32)
 
     def _compact(self, rows: _Rows, start: int) -> _Rows:
         """Drop finished rows from the live batch (and their cache slots from `start` on) once enough of them
@@ -287,27 +301,37 @@ class RolloutEngine:
         return _Rows(rows.ids[keep], rows.uniforms[keep], rows.pad_lens[keep], rows.done[keep])
 
 
-def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float,
+                workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token, log-prob, entropy) [n] from next-token logits [n, V]: the token by keyed inverse-CDF sampling
-    (argmax at temperature 0); log-prob and entropy under the untempered policy (PPO ratios, entropy weights)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
+    (argmax at temperature 0); log-prob and entropy under the untempered policy (PPO ratios, entropy weights).
+    `workspace`: fp32 [3, >= n, V] to compute in instead of fresh [n, V] tensors (bitwise the same result)."""
+    n = logits.shape[0]
+    logits = logits.float()
+    s = [None] * 3 if workspace is None else [w[:n] for w in workspace]
+    logp = _into(torch.log_softmax, s[0], logits, -1)
+    p = _into(torch.exp, s[1], logp)
+    entropy = -_into(torch.mul, s[2], p, logp).sum(-1)
     if temperature == 0:
         token = logits.argmax(dim=-1)
     else:
-        probs = p if temperature == 1.0 else torch.softmax(logits.float() / temperature, dim=-1)
-        token = sample_from_probs(probs, uniforms, top_p)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1), -(p * logp).sum(-1)
+        probs = p if temperature == 1.0 else _into(torch.softmax, s[1], _into(torch.div, s[2], logits, temperature), -1)
+        token = sample_from_probs(probs, uniforms, top_p, overwrite=True)  # probs is ours alone by now
+    return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
+
+
+def _into(op: Callable[..., torch.Tensor], out: torch.Tensor | None, *args: Any) -> torch.Tensor:
+    """op(*args), written into `out` when given."""
+    return op(*args) if out is None else op(*args, out=out)
 
 
 def _decode_step(model: torch.nn.Module, token: torch.Tensor, pos: torch.Tensor, pad_lens: torch.Tensor,
-                 kv_len: int, prefix: SharedPrefix | None, uniforms: torch.Tensor, temperature: float, top_p: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 kv_len: int, prefix: SharedPrefix | None, uniforms: torch.Tensor, temperature: float, top_p: float,
+                 workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode step and the next token's sampling, no host sync: the eager step, and the one RolloutEngine
     compiles (so sampling fuses into the same graph)."""
     logits = model(token[:, None], input_pos=pos, pad_lens=pad_lens, kv_len=kv_len, prefix=prefix)[:, -1]
-    return sample_next(logits, uniforms, temperature, top_p)
+    return sample_next(logits, uniforms, temperature, top_p, workspace)
 
 
 class _Outputs:

@@ -10,7 +10,8 @@ import torch
 import grpo
 from data_types import Episode
 from qwen2_model import ModelConfig, Transformer, can_pack
-from rollout import RolloutEngine, keyed_uniform, row_keys, sample_keyed, stream_key
+import rollout
+from rollout import RolloutEngine, keyed_uniform, row_keys, sample_keyed, sample_next, stream_key
 
 VOCAB = 23
 EOS = [5, 11]  # frequent enough on a random model that most rows finish early: compaction is exercised
@@ -61,6 +62,37 @@ def test_a_zero_probability_token_is_never_drawn_even_at_the_edge():
     logits = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]]).expand(4, 4)
     u = torch.tensor([1e-300, 0.5, 1 - 2**-53, 1.0], dtype=torch.float64)
     assert set(sample_keyed(logits, u, 1.0).tolist()) <= {0, 2}
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8), (1.3, 0.9), (0.0, 1.0)])
+def test_sampling_into_a_workspace_gives_bitwise_the_same_results(temperature, top_p):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g) * 3
+    u = keyed_uniform(row_keys(stream_key(4), range(6), [0] * 6), 0)
+    before = logits.clone()
+    fresh = sample_next(logits, u, temperature, top_p)
+    workspace = torch.full((3, 9, 50), float("nan"))  # more rows than needed, garbage in them
+    reused = sample_next(logits, u, temperature, top_p, workspace)
+    for a, b in zip(fresh, reused):
+        assert torch.equal(a, b)
+    assert torch.equal(logits, before)  # the logits are never written
+
+
+def test_an_eager_cpu_rollout_samples_every_step_into_one_workspace(monkeypatch):
+    m = model()
+    plain = RolloutEngine(m)
+    monkeypatch.setattr(plain, "_workspace", lambda rows, logits: None)
+    expected = run(plain, PROMPTS, group=3)
+    seen = []
+
+    def spy(logits, uniforms, temperature, top_p, workspace=None):
+        seen.append(workspace)
+        return sample_next(logits, uniforms, temperature, top_p, workspace)
+    monkeypatch.setattr(rollout, "sample_next", spy)
+    out = run(RolloutEngine(m), PROMPTS, group=3)
+    assert len(seen) > 10 and seen[0] is not None and all(w is seen[0] for w in seen)
+    assert seen[0].shape == (3, 12, VOCAB)
+    assert (out.tokens, out.log_probs, out.entropies) == (expected.tokens, expected.log_probs, expected.entropies)
 
 
 def run(engine, prompts, group, stream=11, max_new=24, temperature=1.0, qids=None):
