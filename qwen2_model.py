@@ -191,22 +191,49 @@ class Linear(nn.Linear):
     most at a large vocabulary's lm_head); results agree with F.linear to float rounding, and a row's result
     does not depend on how many rows share the call (tested). The copy is used only with gradient off
     and only while the weight is unchanged since pack() (its in-place version counter), so a forgotten copy
-    can never run stale weights: Transformer.packed_linears packs for a rollout and drops the copies after."""
+    can never run stale weights: Transformer.packed_linears packs for a rollout and drops the copies after.
+    The copy hangs on the weight, out of torch.compile's sight (it cannot trace oneDNN's packed layout): a
+    compiled step calls packed_linear, an op opaque to it that finds the copy there."""
 
-    packed: torch.Tensor | None = None
-    packed_version: int = -1
+    is_packed: bool = False  # pack() called, unpack() not yet: a plain flag that torch.compile guards on
 
     def pack(self, rows: int) -> None:
         """Reorder the weight for calls of about `rows` rows (oneDNN's hint; any row count works)."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), max(rows, 32))
-        self.packed_version = self.weight._version
+        reordered = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), max(rows, 32))
+        self.weight.__dict__[_PACKED] = (reordered, self.weight._version)
+        self.is_packed = True
+
+    def unpack(self) -> None:
+        self.weight.__dict__.pop(_PACKED, None)
+        self.is_packed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or torch.is_grad_enabled() or self.weight._version != self.packed_version:
+        if not self.is_packed or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.detach()
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, bias, "none", [None], "")
+        # eager calls the op's body directly: the dispatcher's cost per call is a decode step's few percent
+        op = packed_linear if torch.compiler.is_compiling() else _packed_linear
+        y = op(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+_PACKED = "_onednn_packed"  # weight.__dict__ key: (packed copy, the weight's version when packed)
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x [N, in], weight, bias) from the weight's packed copy, if it has one and is unchanged since."""
+    packed = weight.__dict__.get(_PACKED)
+    if packed is None or packed[1] != weight._version:
+        return F.linear(x, weight, bias)
+    bias = None if bias is None else bias.detach()
+    return torch.ops.mkldnn._linear_pointwise(x, packed[0], bias, "none", [None], "")
+
+
+packed_linear = torch.library.custom_op("qwen2_model::packed_linear", _packed_linear, mutates_args=())
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -622,7 +649,7 @@ class Transformer(nn.Module):
             yield len(linears)
         finally:
             for m in linears:
-                m.packed, m.packed_version = None, -1
+                m.unpack()
 
     # -- forward ---------------------------------------------------------------------------------
 

@@ -134,14 +134,14 @@ class RolloutEngine:
     `compile`: the decode step through torch.compile, live rows compacted to powers of two (few shapes). On
     CUDA as CUDA graphs (mode "reduce-overhead"), whose fixed shapes attend over the whole cache; elsewhere
     over the slots written so far. None = on CUDA only, where per-kernel launch cost dominates a decode step
-    (on CPU it is opt-in: it was ~10% faster than the plain eager step on bench_rollout's small shape, after
-    a compile of several seconds per process, and is slower than the eager step from packed weights). Any
-    failure to compile or run it falls back to the eager step, with a warning.
-    `pack_weights`: an eager rollout runs the model's linear layers from oneDNN-packed copies of their weights
+    (on CPU it is opt-in: from packed weights it was 1.1-1.2x faster than the eager step from packed weights
+    on bench_rollout's small shape, after a compile of 6-16 s per process and more for each new batch size).
+    Any failure to compile or run it falls back to the eager step, with a warning.
+    `pack_weights`: a rollout runs the model's linear layers from oneDNN-packed copies of their weights
     (Transformer.packed_linears: CPU fp32 only, one more copy of those weights in memory during the rollout;
-    never in the compiled step, which cannot trace them). None = when the model's weights take at least
-    PACK_MIN_BYTES: packing made bench_rollout's small shape (21 MB of weights) a quarter to a third faster
-    and gave nothing on the tiny default's model (3 MB, which the CPU's caches keep close)."""
+    the compiled step reaches them through qwen2_model.packed_linear). None = when the model's weights take
+    at least PACK_MIN_BYTES: packing made bench_rollout's small shape (21 MB of weights) a quarter to a third
+    faster and the tiny default's model (3 MB, which the CPU's caches keep close) ~10% slower."""
 
     CASCADE_MIN_BYTES = 8192  # the break-even measured on a 2-core CPU: ~40-token prompts at 2 x 32 kv dims
     PACK_MIN_BYTES = 8 << 20
@@ -240,8 +240,8 @@ class RolloutEngine:
 
     def _packed(self, rows: int) -> contextlib.AbstractContextManager:
         """The model's linear layers from packed weights for this rollout, where asked for (pack_weights)."""
-        if self._compiled is not None or not hasattr(self.model, "packed_linears"):
-            return contextlib.nullcontext()  # the compiled step cannot trace oneDNN's packed weights
+        if not hasattr(self.model, "packed_linears"):
+            return contextlib.nullcontext()
         pack = self.pack_weights
         if pack is None:
             pack = sum(p.numel() * p.element_size() for p in self.model.parameters()) >= self.PACK_MIN_BYTES

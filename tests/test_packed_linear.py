@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2_model import Linear, ModelConfig, Transformer, can_pack
+from qwen2_model import _PACKED, Linear, ModelConfig, Transformer, can_pack
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="no oneDNN in this torch build")
 
@@ -65,13 +65,13 @@ def test_packed_linears_packs_every_linear_for_the_context_only():
     with torch.no_grad():
         expected = m(tokens)
         with m.packed_linears(3) as n:
-            assert n == len(linears) and all(mod.packed is not None for mod in linears)
+            assert n == len(linears) and all(mod.is_packed and _PACKED in mod.weight.__dict__ for mod in linears)
             torch.testing.assert_close(m(tokens), expected, rtol=1e-5, atol=1e-5)
-        assert all(mod.packed is None for mod in linears)
+        assert not any(mod.is_packed or _PACKED in mod.weight.__dict__ for mod in linears)
         with pytest.raises(RuntimeError, match="inside"):
             with m.packed_linears(3):
                 raise RuntimeError("inside")
-        assert all(mod.packed is None for mod in linears)
+        assert not any(mod.is_packed or _PACKED in mod.weight.__dict__ for mod in linears)
 
 
 def test_nothing_is_packed_where_onednn_does_not_apply():

@@ -10,6 +10,7 @@ import torch
 import grpo
 from data_types import Episode
 from qwen2_model import ModelConfig, Transformer, can_pack
+import qwen2_model
 import rollout
 from rollout import RolloutEngine, keyed_uniform, row_keys, sample_keyed, sample_next, stream_key
 
@@ -193,18 +194,38 @@ def test_rollout_episodes_do_not_depend_on_the_batch_size():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pack", PACKING)
 @pytest.mark.parametrize("cascade", [False, True])
-def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade):
+def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade, pack):
     """torch.compile'd decode (batch compacted to powers of two with finished rows as fillers), with and
-    without cascade attention, gives the eager engine's tokens and log-probs."""
+    without cascade attention and packed weights, gives the eager engine's tokens and log-probs."""
+    torch._dynamo.reset()  # the step's compiled variants from the other cases count towards dynamo's recompile limit
     m = model()
-    eager = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=False), PROMPTS, group=6)
-    engine = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=True, cascade=cascade)
+    eager = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=False, pack_weights=pack), PROMPTS, group=6)
+    engine = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=True, cascade=cascade, pack_weights=pack)
     compiled = run(engine, PROMPTS, group=6)
     assert engine._compiled is not None  # it ran compiled, no fallback
     assert 0.3 < np.mean(eager.finished) < 1.0  # rows end at different times: the batch was compacted
     assert compiled.tokens == eager.tokens
     np.testing.assert_allclose(np.concatenate(compiled.log_probs), np.concatenate(eager.log_probs), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="no oneDNN in this torch build")
+def test_the_compiled_decode_step_runs_from_the_packed_copies(monkeypatch):
+    """Copies packed from zeroed weights: if the compiled step reads them (and not the weights), the lm_head's
+    logits are all zero and every sampled token has log-prob -log(V)."""
+    def pack_zeros(self, rows):
+        self.weight.__dict__[qwen2_model._PACKED] = (
+            torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(self.weight), max(rows, 32)), self.weight._version)
+        self.is_packed = True
+    monkeypatch.setattr(qwen2_model.Linear, "pack", pack_zeros)
+    torch._dynamo.reset()
+    m = model()
+    engine = RolloutEngine(m, compile=True, pack_weights=True)
+    out = run(engine, PROMPTS, group=2, max_new=6)
+    assert engine._compiled is not None
+    np.testing.assert_allclose(np.concatenate(out.log_probs), -np.log(VOCAB), rtol=1e-5)
 
 
 def test_a_decode_step_that_fails_to_compile_falls_back_to_eager():
@@ -225,7 +246,7 @@ def test_packing_is_chosen_by_weight_size_and_dropped_after_each_rollout(monkeyp
     m = model()  # a few KB of weights: below PACK_MIN_BYTES
     packed_during: list[bool] = []
     head_forward = m.lm_head.forward
-    monkeypatch.setattr(m.lm_head, "forward", lambda x: (packed_during.append(m.lm_head.packed is not None),
+    monkeypatch.setattr(m.lm_head, "forward", lambda x: (packed_during.append(m.lm_head.is_packed),
                                                         head_forward(x))[1])
     run(RolloutEngine(m), PROMPTS, group=2, max_new=3)
     assert packed_during and not any(packed_during)
@@ -233,4 +254,4 @@ def test_packing_is_chosen_by_weight_size_and_dropped_after_each_rollout(monkeyp
     monkeypatch.setattr(RolloutEngine, "PACK_MIN_BYTES", 1)
     run(RolloutEngine(m), PROMPTS, group=2, max_new=3)
     assert packed_during and all(packed_during)
-    assert all(getattr(mod, "packed", None) is None for mod in m.modules())  # dropped once the rollout ended
+    assert not any(getattr(mod, "is_packed", False) for mod in m.modules())  # dropped once the rollout ended
