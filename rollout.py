@@ -145,6 +145,7 @@ class RolloutEngine:
 
     CASCADE_MIN_BYTES = 8192  # the break-even measured on a 2-core CPU: ~40-token prompts at 2 x 32 kv dims
     PACK_MIN_BYTES = 8 << 20
+    RECOMPILE_LIMIT = 32  # a training run with evaluations compiled 9 variants of the decode step (CPU)
 
     def __init__(self, model: torch.nn.Module, compact_frac: float = 0.25, sync_every: int = 4,
                  cascade: bool | None = None, compile: bool | None = None, pack_weights: bool | None = None):
@@ -169,7 +170,10 @@ class RolloutEngine:
             # CUDA graphs replay fixed shapes: attend over the whole cache there; elsewhere up to this slot
             kv_len = self.capacity[1] if token.device.type == "cuda" else slot + 1
             try:
-                return self._compiled(self.model, token, pos, rows.pad_lens, kv_len, prefix, *sampling)
+                # a run's rollouts and evaluations need more variants of the step than dynamo's default 8
+                # (shared prompts or not, first shapes static, then dynamic): past it, fullgraph would fail
+                with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+                    return self._compiled(self.model, token, pos, rows.pad_lens, kv_len, prefix, *sampling)
             except Exception as err:  # a backend or device that cannot compile this step: eager from here on
                 warnings.warn(f"compiled decode step failed ({type(err).__name__}: {err}); decoding eagerly")
                 self._compiled = None
@@ -195,7 +199,9 @@ class RolloutEngine:
 
     def _ensure_cache(self, rows: int, length: int) -> None:
         if self._caches()[0] is None or rows > self.capacity[0] or length > self.capacity[1]:
-            self.capacity = (max(rows, self.capacity[0]), max(length, self.capacity[1]))
+            # grown in steps of 8 rows and 64 positions: a batch whose prompts run a few tokens longer than the
+            # last one's reuses the cache, and a compiled step is not recompiled for each new cache shape
+            self.capacity = (max(-(-rows // 8) * 8, self.capacity[0]), max(-(-length // 64) * 64, self.capacity[1]))
             self.model.setup_caches(max_batch_size=self.capacity[0], max_seq_len=self.capacity[1])
             self._slots = torch.arange(self.capacity[1], device=self._caches()[0].k_cache.device)
 

@@ -228,6 +228,22 @@ def test_the_compiled_decode_step_runs_from_the_packed_copies(monkeypatch):
     np.testing.assert_allclose(np.concatenate(out.log_probs), -np.log(VOCAB), rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_compiled_step_outlasts_a_runs_variety_of_rollouts():
+    """Evaluation-like rollouts (a row per prompt) between GRPO groups (shared prompts, cascade), batch sizes
+    shrinking by compaction, longer prompts growing the cache: the step is recompiled as needed (more
+    variants than dynamo's default limit of 8) and never given up for eager."""
+    torch._dynamo.reset()
+    m = model()
+    engine = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=True, cascade=True)
+    eager = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=False, cascade=True)
+    longer = PROMPTS + [list(range(1, 20)) * 4]  # 76 tokens: the cache grows past its first 64 + 24 positions
+    for prompts, group in [(PROMPTS, 1), (PROMPTS, 6), (PROMPTS[:3], 1), (longer, 4), (PROMPTS[1:], 6), (longer, 1)]:
+        out = run(engine, prompts, group)
+        assert engine._compiled is not None, (len(prompts), group)
+        assert out.tokens == run(eager, prompts, group).tokens
+
+
 def test_a_decode_step_that_fails_to_compile_falls_back_to_eager():
     m = model()
     eager = run(RolloutEngine(m, compile=False), PROMPTS, group=3)
