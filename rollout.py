@@ -172,7 +172,7 @@ class RolloutEngine:
             try:
                 # a run's rollouts and evaluations need more variants of the step than dynamo's default 8
                 # (shared prompts or not, first shapes static, then dynamic): past it, fullgraph would fail
-                with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+                with _recompile_limit(self.RECOMPILE_LIMIT):
                     return self._compiled(self.model, token, pos, rows.pad_lens, kv_len, prefix, *sampling)
             except Exception as err:  # a backend or device that cannot compile this step: eager from here on
                 warnings.warn(f"compiled decode step failed ({type(err).__name__}: {err}); decoding eagerly")
@@ -305,6 +305,12 @@ class RolloutEngine:
         if keep.numel():
             self._gather_rows(keep, start)
         return _Rows(rows.ids[keep], rows.uniforms[keep], rows.pad_lens[keep], rows.done[keep])
+
+
+def _recompile_limit(n: int) -> contextlib.AbstractContextManager:
+    """Dynamo's per-function recompile limit raised to n inside (named cache_size_limit before torch 2.7)."""
+    config = torch._dynamo.config
+    return config.patch(**{"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit": n})
 
 
 def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float,
