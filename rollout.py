@@ -170,10 +170,7 @@ class RolloutEngine:
             # CUDA graphs replay fixed shapes: attend over the whole cache there; elsewhere up to this slot
             kv_len = self.capacity[1] if token.device.type == "cuda" else slot + 1
             try:
-                # a run's rollouts and evaluations need more variants of the step than dynamo's default 8
-                # (shared prompts or not, first shapes static, then dynamic): past it, fullgraph would fail
-                with _recompile_limit(self.RECOMPILE_LIMIT):
-                    return self._compiled(self.model, token, pos, rows.pad_lens, kv_len, prefix, *sampling)
+                return self._compiled(self.model, token, pos, rows.pad_lens, kv_len, prefix, *sampling)
             except Exception as err:  # a backend or device that cannot compile this step: eager from here on
                 warnings.warn(f"compiled decode step failed ({type(err).__name__}: {err}); decoding eagerly")
                 self._compiled = None
@@ -240,7 +237,9 @@ class RolloutEngine:
         if keys.numel() != n:
             raise ValueError(f"need one key per row ({n}), got {keys.numel()}")
         self._ensure_cache(n, max(len(p) for p in prompts) + max_new_tokens)
-        with self._packed(n):
+        # a run's rollouts and evaluations need more variants of a compiled step than dynamo's default 8 (shared
+        # prompts or not, first shapes static, then dynamic): past it, fullgraph would fail and decode eagerly
+        with self._packed(n), _recompile_limit(self.RECOMPILE_LIMIT):
             return self._generate(prompts, keys, group_size, max_new_tokens, eos_token_ids, temperature, top_p,
                                   pad_token_id)
 
@@ -255,7 +254,7 @@ class RolloutEngine:
 
     def _generate(self, prompts: Sequence[Sequence[int]], keys: torch.Tensor, group_size: int, max_new_tokens: int,
                   eos_token_ids: Sequence[int], temperature: float, top_p: float, pad_token_id: int) -> RolloutOutput:
-        """generate's body, inside the packing context."""
+        """generate's body, inside the packing context and the raised recompile limit."""
         device = next(self.model.parameters()).device
         n = len(prompts) * group_size
         logits, pad_lens, width = self._prefill(prompts, device)
