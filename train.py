@@ -37,12 +37,12 @@ def run(config_path: str, overrides: list[str], resume: str | bool | None) -> in
     from fileio import DiskFullError
     from qwen2_model import CheckpointError
     from tokenizer import TokenizerFileError
-    from trainer import NonFiniteError, train
+    from trainer import DeviceError, NonFiniteError, train
 
     try:
         result = train(config, resume=resume)
     except (CheckpointError, TokenizerFileError, DatasetError, FileExistsError, FileNotFoundError,
-            DiskFullError, NonFiniteError, DistributedError) as e:  # the user's input or machine, not a bug: no traceback
+            DiskFullError, NonFiniteError, DistributedError, DeviceError) as e:  # the user's input or machine, not a bug: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result.rank == 0:

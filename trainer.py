@@ -45,12 +45,16 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive updates with a NaN/Inf loss or gradient."""
 
 
+class DeviceError(RuntimeError):
+    """The config asks for a device this machine does not have."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"model.device={name!r} but CUDA is not available; use model.device=cpu (or auto)")
+        raise DeviceError(f"model.device={name!r} but CUDA is not available; use model.device=cpu (or auto)")
     return device
 
 

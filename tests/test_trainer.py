@@ -177,6 +177,15 @@ def test_config_errors_come_before_any_model_is_loaded(tmp_path, capsys):
     assert "adv_eps" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_config_without_cuda_is_an_error_not_a_traceback(tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "nowhere"), "device": "cuda"}}))
+    assert train.main(["--config", str(cfg_file)]) == 1
+    err = capsys.readouterr().err
+    assert "model.device='cuda'" in err and "model.device=cpu" in err and "Traceback" not in err
+
+
 def test_missing_model_directory_says_how_to_get_weights(tiny_assets, tmp_path):
     cfg = config_from_dict(run_config(tiny_assets, tmp_path, model={"path": str(tmp_path / "Qwen2.5-3B-Instruct")}))
     with pytest.raises(ValueError, match="git clone|huggingface"):
