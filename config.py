@@ -29,6 +29,9 @@ class ModelSettings:
     gradient_checkpointing: bool = False
     compile_decode: Optional[bool] = None  # the rollout's decode step via torch.compile / CUDA graphs; null = on CUDA
     compile_update: bool = False  # the decoder layers of training forwards via torch.compile (fused elementwise ops)
+    # free the rollout's KV cache after each rollout, for the update to use (RolloutEngine(keep_cache=False)); a
+    # compiled decode step then runs without CUDA graphs, which need the cache at fixed addresses
+    release_rollout_cache: bool = False
     build_tiny: bool = False  # build the built-in tiny model at `path` when it is missing
 
 

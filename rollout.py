@@ -137,6 +137,10 @@ class RolloutEngine:
     (on CPU it is opt-in: from packed weights it was 1.1-1.2x faster than the eager step from packed weights
     on bench_rollout's small shape, after a compile of 6-16 s per process and more for each new batch size).
     Any failure to compile or run it falls back to the eager step, with a warning.
+    `keep_cache`: the KV cache lives from one rollout to the next (the fastest: allocated once). False frees it
+    at the end of every generate call, so the update can use that memory (at the Qwen2.5-3B shape, 256 rows of
+    1,280 positions hold 11.25 GiB of bf16 keys and values) and the next call allocates it again. CUDA graphs
+    replay at fixed addresses, so with False a compiled step on CUDA is compiled without them.
     `pack_weights`: a rollout runs the model's linear layers from oneDNN-packed copies of their weights
     (Transformer.packed_linears: CPU fp32 only, one more copy of those weights in memory during the rollout;
     the compiled step reaches them through qwen2_model.packed_linear). None = when the model's weights take
@@ -148,15 +152,17 @@ class RolloutEngine:
     RECOMPILE_LIMIT = 32  # a training run with evaluations compiled 9 variants of the decode step (CPU)
 
     def __init__(self, model: torch.nn.Module, compact_frac: float = 0.25, sync_every: int = 4,
-                 cascade: bool | None = None, compile: bool | None = None, pack_weights: bool | None = None):
+                 cascade: bool | None = None, compile: bool | None = None, pack_weights: bool | None = None,
+                 keep_cache: bool = True):
         self.model, self.compact_frac, self.sync_every = model, compact_frac, sync_every
-        self.cascade, self.pack_weights = cascade, pack_weights
+        self.cascade, self.pack_weights, self.keep_cache = cascade, pack_weights, keep_cache
         self.capacity = (0, 0)
         self._slots = torch.arange(0)  # cache slot indices on the device, for the decode steps' positions
         device = next(model.parameters()).device
         self._compiled = None
+        self._graphs = device.type == "cuda" and keep_cache  # CUDA graphs, if the step is compiled
         if compile if compile is not None else device.type == "cuda":
-            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            mode = "reduce-overhead" if self._graphs else "default"
             self._compiled = torch.compile(_decode_step, mode=mode, fullgraph=True)
 
     def _decode(self, token: torch.Tensor, slot: int, rows: _Rows, prefix: SharedPrefix | None, t: int,
@@ -168,7 +174,7 @@ class RolloutEngine:
         sampling = (rows.uniforms[:, t], temperature, top_p)
         if self._compiled is not None:
             # CUDA graphs replay fixed shapes: attend over the whole cache there; elsewhere up to this slot
-            kv_len = self.capacity[1] if token.device.type == "cuda" else slot + 1
+            kv_len = self.capacity[1] if self._graphs else slot + 1
             try:
                 return self._compiled(self.model, token, pos, rows.pad_lens, kv_len, prefix, *sampling)
             except Exception as err:  # a backend or device that cannot compile this step: eager from here on
@@ -239,9 +245,13 @@ class RolloutEngine:
         self._ensure_cache(n, max(len(p) for p in prompts) + max_new_tokens)
         # a run's rollouts and evaluations need more variants of a compiled step than dynamo's default 8 (shared
         # prompts or not, first shapes static, then dynamic): past it, fullgraph would fail and decode eagerly
-        with self._packed(n), _recompile_limit(self.RECOMPILE_LIMIT):
-            return self._generate(prompts, keys, group_size, max_new_tokens, eos_token_ids, temperature, top_p,
-                                  pad_token_id)
+        try:
+            with self._packed(n), _recompile_limit(self.RECOMPILE_LIMIT):
+                return self._generate(prompts, keys, group_size, max_new_tokens, eos_token_ids, temperature, top_p,
+                                      pad_token_id)
+        finally:
+            if not self.keep_cache:
+                self.release()
 
     def _packed(self, rows: int) -> contextlib.AbstractContextManager:
         """The model's linear layers from packed weights for this rollout, where asked for (pack_weights)."""

@@ -352,7 +352,9 @@ def setup(config: Config, resume: str | bool | None) -> Run:
               model, tokenizer, ref_model, weighter, optimizer, [g["lr"] for g in optimizer.param_groups],
               torch.Generator(device=device).manual_seed(t.seed), QuestionSampler(len(train_set), t.seed), credit,
               None, update_config(config, tokenizer), 0, resume_path or Path(config.model.path))  # type: ignore[arg-type]
-    run.engine, run.dist, run.train_model = RolloutEngine(model, compile=config.model.compile_decode), dist, train_model
+    run.engine = RolloutEngine(model, compile=config.model.compile_decode,
+                               keep_cache=not config.model.release_rollout_cache)
+    run.dist, run.train_model = dist, train_model
     if resume_path is not None:
         _restore(run, resume_path)
     if dist.is_main:

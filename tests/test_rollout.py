@@ -130,6 +130,17 @@ def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens(pa
     assert len({tuple(t) for t in shared.tokens[:6]}) > 1
 
 
+def test_an_engine_that_does_not_keep_its_cache_frees_it_after_each_call_and_samples_the_same():
+    m = model()
+    kept = RolloutEngine(m)
+    expected = [run(kept, PROMPTS, group=6), run(kept, PROMPTS[:2], group=3, stream=5)]
+    released = RolloutEngine(m, keep_cache=False)
+    for (prompts, group, stream), want in zip(((PROMPTS, 6, 11), (PROMPTS[:2], 3, 5)), expected):
+        out = run(released, prompts, group, stream=stream)
+        assert all(layer.self_attn.kv_cache is None for layer in m.model.layers) and released.capacity == (0, 0)
+        assert (out.tokens, out.log_probs) == (want.tokens, want.log_probs)
+
+
 @pytest.mark.parametrize("pack", PACKING)
 def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction(pack):
     m = model()
@@ -208,6 +219,18 @@ def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade, pack):
     assert 0.3 < np.mean(eager.finished) < 1.0  # rows end at different times: the batch was compacted
     assert compiled.tokens == eager.tokens
     np.testing.assert_allclose(np.concatenate(compiled.log_probs), np.concatenate(eager.log_probs), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_on_cuda_a_released_cache_is_compiled_without_cuda_graphs_and_samples_as_eager():
+    torch._dynamo.reset()
+    m = model().cuda()
+    eager = run(RolloutEngine(m, compile=False), PROMPTS, group=6)
+    engine = RolloutEngine(m, compile=True, keep_cache=False)
+    assert not engine._graphs and RolloutEngine(m, compile=True)._graphs
+    for _ in range(2):  # the second call allocates the cache anew, at other addresses
+        out = run(engine, PROMPTS, group=6)
+        assert engine._compiled is not None and out.tokens == eager.tokens
 
 
 @pytest.mark.slow

@@ -167,6 +167,29 @@ def test_deterministic_mode_gives_identical_metrics(tiny_assets, tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_a_released_rollout_cache_is_gone_during_the_update_and_changes_no_result(tiny_assets, tmp_path, monkeypatch):
+    update = grpo.update_policy
+    caches_in_update = []
+
+    def spy(model, *args, **kwargs):
+        caches_in_update.append([layer.self_attn.kv_cache for layer in model.model.layers])
+        return update(model, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "update_policy", spy)
+    runs = []
+    for release in (False, True):
+        out = tmp_path / str(release)
+        cfg = config_from_dict(run_config(tiny_assets, out, model={"release_rollout_cache": release},
+                                          training={"max_steps": 3, "eval_interval": 2}))
+        trainer.train(cfg)
+        runs.append([{k: v for k, v in r.items() if not k.startswith(("duration", "tokens_per_s"))}
+                     for r in read_metrics(out / "logs")])
+    kept, released = caches_in_update[:3], caches_in_update[3:]
+    assert all(c is not None for step in kept for c in step)  # kept: the cache lives through the update
+    assert all(c is None for step in released for c in step)
+    assert runs[0] == runs[1]  # the same rollouts, updates and evaluations
+
+
 def test_config_errors_come_before_any_model_is_loaded(tmp_path, capsys):
     missing_model = tmp_path / "nowhere"
     cfg_file = tmp_path / "c.yaml"
