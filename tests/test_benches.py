@@ -54,3 +54,5 @@ def test_bench_step_runs_a_configs_real_step_at_a_shape_and_reuses_its_workdir(t
     built = weights.stat().st_mtime_ns
     run_bench(*args)
     assert weights.stat().st_mtime_ns == built  # the model is built once per workdir
+    other = subprocess.run([sys.executable, *args, "--hidden", "32"], cwd=REPO, capture_output=True, text=True)
+    assert other.returncode != 0 and "another shape" in other.stderr  # never a model of the wrong shape
