@@ -221,6 +221,21 @@ def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade, pack):
     np.testing.assert_allclose(np.concatenate(compiled.log_probs), np.concatenate(eager.log_probs), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_compiled_step_is_not_recompiled_for_a_cache_allocated_anew():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    m = model()
+    eager = run(RolloutEngine(m, compile=False), PROMPTS, group=6)
+    engine = RolloutEngine(m, compile=True, keep_cache=False)
+    assert run(engine, PROMPTS, group=6).tokens == eager.tokens
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(2):  # each call allocates the cache again (new tensors, same shapes)
+        assert run(engine, PROMPTS, group=6).tokens == eager.tokens
+    assert engine._compiled is not None and counters["stats"]["unique_graphs"] == graphs > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_on_cuda_a_released_cache_is_compiled_without_cuda_graphs_and_samples_as_eager():
     torch._dynamo.reset()
