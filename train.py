@@ -42,7 +42,8 @@ def run(config_path: str, overrides: list[str], resume: str | bool | None) -> in
     try:
         result = train(config, resume=resume)
     except (CheckpointError, TokenizerFileError, DatasetError, FileExistsError, FileNotFoundError,
-            DiskFullError, NonFiniteError, DistributedError, DeviceError) as e:  # the user's input or machine, not a bug: no traceback
+            DiskFullError, NonFiniteError, DistributedError, DeviceError) as e:
+        # the user's input or machine, not a bug: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result.rank == 0:
