@@ -138,11 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
               "device": str(run.device), "dtype": config.model.dtype, "torch": torch.__version__,
               "rows": t.num_questions_per_batch * t.num_answers_per_question, "max_new_tokens": t.max_new_tokens,
               "micro_batch_size": t.micro_batch_size, "optimizer": t.optimizer,
-              "gradient_checkpointing": config.model.gradient_checkpointing, "steps": steps}
+              "gradient_checkpointing": config.model.gradient_checkpointing,
+              "release_rollout_cache": config.model.release_rollout_cache, "steps": steps}
     if run.device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(run.device)
-    peak, label = (("peak_allocated_bytes", "peak allocated") if run.device.type == "cuda"
-                   else ("peak_rss_bytes", "peak resident set"))
+    cuda = run.device.type == "cuda"
+    label = "peak allocated / reserved" if cuda else "peak resident set"
+
+    def memory(s: dict) -> str:
+        if cuda:
+            return f"{s['peak_allocated_bytes'] / GIB:.2f} / {s['peak_reserved_bytes'] / GIB:.2f}"
+        return f"{s['peak_rss_bytes'] / GIB:.2f}"
     print(f"{args.config} at {args.shape} ({result['layers']} layers, hidden {result['hidden']}, "
           f"{result['params'] / 1e6:,.1f}M params), {result['device']}, {result['dtype']}, {result['rows']} rows x "
           f"up to {t.max_new_tokens} new tokens")
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|---|")
     for s in steps:
         print(f"| {s['step']} | {s['seconds']:.2f} | {s['rollout_seconds']:.2f} | {s['response_length']:.0f} | "
-              f"{s[peak] / GIB:.2f} |")
+              f"{memory(s)} |")
     print(json.dumps(result))
     return result
 
