@@ -73,6 +73,8 @@ class TrainingSettings:
     num_answers_per_question: int = 8  # group size
     batch_size: Optional[int] = None  # optional check: must equal questions x answers
     micro_batch_size: int = 8
+    # completions per rollout call (whole groups; None: all at once): caps the KV cache, same tokens either way
+    rollout_batch_size: Optional[int] = None
     max_tokens_per_micro_batch: Optional[int] = None  # pack micro-batches by padded tokens too (long completions)
     share_prompts: bool = True  # the update runs a prompt that completions of a micro-batch share once
     max_new_tokens: int = 1024
@@ -360,6 +362,10 @@ def validate_config(c: Config) -> None:
         need(t.batch_size == t.num_questions_per_batch * t.num_answers_per_question,
              f"training.batch_size={t.batch_size} != num_questions_per_batch x num_answers_per_question = "
              f"{t.num_questions_per_batch * t.num_answers_per_question}")
+    if t.rollout_batch_size is not None:
+        need(t.rollout_batch_size >= 1 and t.rollout_batch_size % t.num_answers_per_question == 0,
+             f"training.rollout_batch_size={t.rollout_batch_size} must be a positive multiple of the group size "
+             f"training.num_answers_per_question={t.num_answers_per_question} (whole groups per rollout call)")
     need(t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
          "training.max_tokens_per_micro_batch must be >= 1 when set")
     need(t.temperature >= 0, f"training.temperature must be >= 0 (got {t.temperature})")

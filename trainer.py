@@ -455,7 +455,8 @@ def collect_groups(run: Run, step: int) -> tuple[list[Episode], dict[str, float]
         new = sharded_rollout(run.model, run.dist, problems, [run.task.prompt(p) for p in problems], idx,
                               tokenizer=run.tokenizer, reward_fn=run.task.reward, num_answers_per_question=g,
                               max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
-                              stream=stream_key(t.seed, step, rounds), engine=run.engine)
+                              batch_size=t.rollout_batch_size, stream=stream_key(t.seed, step, rounds),
+                              engine=run.engine)
         shape_rewards(new, run.config)
         flat = zero_variance(group_rewards(new, g))
         drawn, zero_var = drawn + len(problems), zero_var + int(flat.sum())

@@ -190,6 +190,30 @@ def test_a_released_rollout_cache_is_gone_during_the_update_and_changes_no_resul
     assert runs[0] == runs[1]  # the same rollouts, updates and evaluations
 
 
+def test_a_capped_rollout_batch_samples_the_same_completions_in_a_smaller_cache(tiny_assets, tmp_path, monkeypatch):
+    update = grpo.update_policy
+    completions = []
+
+    def spy(model, optimizer, episodes, *args, **kwargs):
+        completions.append([e.generated_token_ids for e in episodes])
+        return update(model, optimizer, episodes, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "update_policy", spy)
+    runs, rows = [], []
+    for cap in (None, 4):  # all 12 completions in one call, or one group of 4 per call
+        out = tmp_path / str(cap)
+        cfg = config_from_dict(run_config(tiny_assets, out, training={"rollout_batch_size": cap, "eval_interval": 100}))
+        run = trainer.setup(cfg, resume=None)
+        runs.append([trainer.train_step(run, s) for s in (1, 2, 3)])
+        rows.append(run.engine.capacity[0])
+    assert completions[:3] == completions[3:]
+    assert rows == [16, 8]  # the cache holds 12 rows (rounded up to 8s), then 4
+    for a, b in zip(*runs):
+        for k in a:
+            if not k.startswith(("duration", "tokens_per_s")):
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
 def test_config_errors_come_before_any_model_is_loaded(tmp_path, capsys):
     missing_model = tmp_path / "nowhere"
     cfg_file = tmp_path / "c.yaml"
