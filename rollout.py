@@ -157,6 +157,7 @@ class RolloutEngine:
         self.model, self.compact_frac, self.sync_every = model, compact_frac, sync_every
         self.cascade, self.pack_weights, self.keep_cache = cascade, pack_weights, keep_cache
         self.capacity = (0, 0)
+        self.largest_cache_bytes = 0  # of keys and values, over this engine's life (released or not)
         self._slots = torch.arange(0)  # cache slot indices on the device, for the decode steps' positions
         device = next(model.parameters()).device
         self._compiled = None
@@ -207,6 +208,8 @@ class RolloutEngine:
             self.capacity = (max(-(-rows // 8) * 8, self.capacity[0]), max(-(-length // 64) * 64, self.capacity[1]))
             self.model.setup_caches(max_batch_size=self.capacity[0], max_seq_len=self.capacity[1])
             self._slots = torch.arange(self.capacity[1], device=self._caches()[0].k_cache.device)
+            size = sum(c.k_cache.nbytes + c.v_cache.nbytes for c in self._caches())
+            self.largest_cache_bytes = max(self.largest_cache_bytes, size)
 
     def release(self) -> None:
         """Free the cache (e.g. before a memory-hungry update on a GPU)."""

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": t.num_questions_per_batch * t.num_answers_per_question, "max_new_tokens": t.max_new_tokens,
               "micro_batch_size": t.micro_batch_size, "optimizer": t.optimizer,
               "gradient_checkpointing": config.model.gradient_checkpointing,
-              "release_rollout_cache": config.model.release_rollout_cache, "steps": steps}
+              "release_rollout_cache": config.model.release_rollout_cache,
+              "kv_cache_bytes": run.engine.largest_cache_bytes, "steps": steps}
     if run.device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(run.device)
     cuda = run.device.type == "cuda"
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         return f"{s['peak_rss_bytes'] / GIB:.2f}"
     print(f"{args.config} at {args.shape} ({result['layers']} layers, hidden {result['hidden']}, "
           f"{result['params'] / 1e6:,.1f}M params), {result['device']}, {result['dtype']}, {result['rows']} rows x "
-          f"up to {t.max_new_tokens} new tokens")
+          f"up to {t.max_new_tokens} new tokens; KV cache {result['kv_cache_bytes'] / GIB:.2f} GiB"
+          f"{', released for the update' if config.model.release_rollout_cache else ''}")
     print(f"| step | seconds | of which rollout | mean completion tokens | {label} (GiB) |")
     print("|---|---|---|---|---|")
     for s in steps:

@@ -50,6 +50,8 @@ def test_bench_step_runs_a_configs_real_step_at_a_shape_and_reuses_its_workdir(t
     # a random model scores 0 everywhere; the bench's coin-flip rewards give the groups spread, so the update
     # takes a real backward and step (a zero gradient norm would mean it measured a step without one)
     assert step["grad_norm"] > 0 and 0 < step["response_length"] <= 8 and step["peak_rss_bytes"] > 0
+    # 16 rows x (prompt + 8, rounded up to 64 positions) x 1 layer x k and v x 2 kv heads x 64 dims x 4 bytes
+    assert result["kv_cache_bytes"] % (16 * 64 * 2 * 2 * 64 * 4) == 0 and result["kv_cache_bytes"] > 0
     weights = tmp_path / "model" / "model.safetensors"
     built = weights.stat().st_mtime_ns
     run_bench(*args)

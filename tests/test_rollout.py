@@ -139,6 +139,7 @@ def test_an_engine_that_does_not_keep_its_cache_frees_it_after_each_call_and_sam
         out = run(released, prompts, group, stream=stream)
         assert all(layer.self_attn.kv_cache is None for layer in m.model.layers) and released.capacity == (0, 0)
         assert (out.tokens, out.log_probs) == (want.tokens, want.log_probs)
+    assert released.largest_cache_bytes == kept.largest_cache_bytes > 0  # the same cache while it lived
 
 
 @pytest.mark.parametrize("pack", PACKING)
