@@ -33,6 +33,11 @@ def read_metrics(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def untimed(metrics: dict) -> dict:
+    """A step's metrics without its wall-clock timings: what two equal runs must log alike."""
+    return {k: v for k, v in metrics.items() if not k.startswith(("duration", "tokens_per_s"))}
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return Transformer.from_pretrained(path, dtype=torch.float32).state_dict()
 
@@ -161,8 +166,7 @@ def test_deterministic_mode_gives_identical_metrics(tiny_assets, tmp_path):
     for name in ("a", "b"):
         cfg = config_from_dict(run_config(tiny_assets, tmp_path / name, training={"max_steps": 2, "deterministic": True}))
         trainer.train(cfg)
-        runs.append([{k: v for k, v in r.items() if not k.startswith(("duration", "tokens_per_s"))}
-                     for r in read_metrics(tmp_path / name / "logs")])
+        runs.append([untimed(r) for r in read_metrics(tmp_path / name / "logs")])
     torch.use_deterministic_algorithms(False)
     assert runs[0] == runs[1]
 
@@ -182,8 +186,7 @@ def test_a_released_rollout_cache_is_gone_during_the_update_and_changes_no_resul
         cfg = config_from_dict(run_config(tiny_assets, out, model={"release_rollout_cache": release},
                                           training={"max_steps": 3, "eval_interval": 2}))
         trainer.train(cfg)
-        runs.append([{k: v for k, v in r.items() if not k.startswith(("duration", "tokens_per_s"))}
-                     for r in read_metrics(out / "logs")])
+        runs.append([untimed(r) for r in read_metrics(out / "logs")])
     kept, released = caches_in_update[:3], caches_in_update[3:]
     assert all(c is not None for step in kept for c in step)  # kept: the cache lives through the update
     assert all(c is None for step in released for c in step)
@@ -209,9 +212,8 @@ def test_a_capped_rollout_batch_samples_the_same_completions_in_a_smaller_cache(
     assert completions[:3] == completions[3:]
     assert rows == [16, 8]  # the cache holds 12 rows (rounded up to 8s), then 4
     for a, b in zip(*runs):
-        for k in a:
-            if not k.startswith(("duration", "tokens_per_s")):
-                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+        for k in untimed(a):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
 
 
 def test_config_errors_come_before_any_model_is_loaded(tmp_path, capsys):
