@@ -195,7 +195,7 @@ class RolloutEngine:
         pays = pad_lens.device.type == "cpu" and width * slot_bytes * (1 - 1 / group_size) >= self.CASCADE_MIN_BYTES
         if self.cascade if self.cascade is not None else pays:
             return SharedPrefix.for_prompts(pad_lens, width, group_size)
-        self._gather_rows(expand, 0)
+        self._gather_rows(expand, 0, width)
         return None
 
     def _caches(self) -> list:
@@ -216,13 +216,13 @@ class RolloutEngine:
         self.model.clear_caches()
         self.capacity = (0, 0)
 
-    def _gather_rows(self, index: torch.Tensor, start: int) -> None:
-        """Cache rows [0, len(index)) <- rows `index`, slots from `start` on (compaction; the shared prompts
-        in slots before `start` stay where they are)."""
+    def _gather_rows(self, index: torch.Tensor, start: int, end: int) -> None:
+        """Cache rows [0, len(index)) <- rows `index`, slots [start, end) (compaction: the shared prompts in
+        slots before `start` stay where they are, and slots from `end` on are not written yet)."""
         n = index.numel()
         for cache in self._caches():
-            cache.k_cache[:n, :, start:] = cache.k_cache[index, :, start:]
-            cache.v_cache[:n, :, start:] = cache.v_cache[index, :, start:]
+            cache.k_cache[:n, :, start:end] = cache.k_cache[index, :, start:end]
+            cache.v_cache[:n, :, start:end] = cache.v_cache[index, :, start:end]
 
     def _prefill(self, prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Left-padded batched prefill of the distinct prompts: (last-position logits [Q, V], pad_lens [Q], P)."""
@@ -285,7 +285,7 @@ class RolloutEngine:
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % self.sync_every == 0:  # a host sync every few tokens, not every token
-                live = self._compact(rows, 0 if prefix is None else width)
+                live = self._compact(rows, 0 if prefix is None else width, width + t)
                 if live.ids.numel() == 0:
                     break
                 if live is not rows:
@@ -302,9 +302,9 @@ class RolloutEngine:
             return None
         return torch.empty((3, rows, logits.shape[-1]), dtype=torch.float32)
 
-    def _compact(self, rows: _Rows, start: int) -> _Rows:
-        """Drop finished rows from the live batch (and their cache slots from `start` on) once enough of them
-        have finished."""
+    def _compact(self, rows: _Rows, start: int, end: int) -> _Rows:
+        """Drop finished rows from the live batch (and their cache slots [start, end), those written so far)
+        once enough of them have finished."""
         n, n_done = rows.ids.numel(), int(rows.done.sum())
         if n_done == 0 or n_done < self.compact_frac * n and n_done < n:
             return rows
@@ -315,7 +315,7 @@ class RolloutEngine:
                 return rows
             keep = torch.cat([keep, rows.done.nonzero().squeeze(-1)[: size - keep.numel()]])  # finished fillers
         if keep.numel():
-            self._gather_rows(keep, start)
+            self._gather_rows(keep, start, end)
         return _Rows(rows.ids[keep], rows.uniforms[keep], rows.pad_lens[keep], rows.done[keep])
 
 
