@@ -223,6 +223,26 @@ def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade, pack):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cascade", [False, True])
+def test_the_cuda_graph_steps_whole_cache_attention_masks_every_slot_not_yet_written(cascade):
+    """On CUDA the compiled step attends over the whole cache (fixed shapes for the graphs); slots past the
+    current token hold a previous rollout's keys (and, after a compaction, another row's, since only the
+    written slots move). Forced on a CPU engine, it must still sample the eager engine's tokens."""
+    torch._dynamo.reset()
+    m = model()
+    eager = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=False), PROMPTS, group=6)
+    engine = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=True, cascade=cascade)
+    engine._graphs = True  # what a CUDA engine that keeps its cache sets
+    run(engine, [[5] * 11, [7, 1, 7] * 4], group=12, stream=3, max_new=30)  # leaves keys in every slot
+    capacity = engine.capacity
+    graphs = run(engine, PROMPTS, group=6)
+    assert engine._compiled is not None and engine.capacity == capacity  # the same cache, compiled, no fallback
+    assert 0.3 < np.mean(eager.finished) < 1.0  # rows end at different times: the batch was compacted
+    assert graphs.tokens == eager.tokens
+    np.testing.assert_allclose(np.concatenate(graphs.log_probs), np.concatenate(eager.log_probs), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_compiled_step_is_not_recompiled_for_a_cache_allocated_anew():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
