@@ -11,6 +11,7 @@ is compared (max abs difference). The body is small and the vocabulary Qwen's, s
 do per micro-batch at any model size; `--shape` takes a named shape of bench_rollout.py instead (Qwen2.5-0.5B,
 1.5B, 3B, Qwen3-0.6B, small; random weights). Each variant also reports its model FLOP rate (6 x parameters x
 the tokens it runs, per second) and, with `--peak_tflops` (the device's dense peak), the model FLOP utilization.
+On CUDA one untimed update at learning rate 0 runs first (`--warmup`), so the time is a warm update's.
 
 `--group G` makes the rows GRPO groups: rows / G prompts (of `--prompt_tokens`), G completions each; a third
 variant then runs each prompt once (`UpdateConfig.share_prompts`, the default in training; the other two run
@@ -62,10 +63,12 @@ def child(args: argparse.Namespace) -> None:
                         text="", reward=0.0, reward_info={}, finished=True, group_idx=i // args.group)
                 for i in range(args.rows)]
     advantages = torch.randn(args.rows, generator=g)
-    before = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     cfg_update = grpo.UpdateConfig(micro_batch_size=args.rows, max_grad_norm=1e9, share_prompts=bool(args.share),
                                    logits_chunk_tokens=args.chunk if args.chunk > 0 else None)
+    for _ in range(args.warmup):  # first-call costs (CUDA context, cuBLAS, kernel choice) out of the timing; lr 0
+        grpo.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes, advantages, cfg_update)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
         grpo.update_policy(model, opt, episodes, advantages, cfg_update)
@@ -95,9 +98,14 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--shape", default="", help="a named shape of bench_rollout.py (overrides --vocab/--hidden/--layers)")
     p.add_argument("--peak_tflops", type=float, default=None, help="device dense peak, for MFU")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed updates (lr 0) before the timed one; default 1 on CUDA, 0 on CPU, where the peak "
+                        "is the process's resident high-water mark, which a warm-up would set")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.warmup is None:
+        args.warmup = int(torch.device(args.device).type == "cuda")
     if args.child:
         child(args)
         return
@@ -106,7 +114,8 @@ def main() -> None:
 
         cfg = model_config(args.shape, args.dtype)
         args.vocab, args.hidden, args.layers = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-    keys = ("vocab", "hidden", "layers", "rows", "new_tokens", "prompt_tokens", "group", "device", "dtype", "shape")
+    keys = ("vocab", "hidden", "layers", "rows", "new_tokens", "prompt_tokens", "group", "device", "dtype", "shape",
+            "warmup")
     results = {k: getattr(args, k) for k in (*keys, "chunk")}
     variants = {"full_logits": (0, 0), "chunked": (args.chunk, 0)}
     if args.group > 1:

@@ -37,6 +37,11 @@ def test_bench_train_compares_variants_with_the_same_parameter_change():
     assert "| chunked_shared_prompts |" in out
     assert result["max_abs_param_change_diff"] < 1e-3 * result["max_abs_param_change"]
     assert all(result[v]["peak_gib_above_model"] >= 0 for v in ("full_logits", "chunked", "chunked_shared_prompts"))
+    # the warm-up update (CUDA's default, asked for here) runs at learning rate 0: the timed update's change is the same
+    _, warm = run_bench("bench/bench_train.py", "--shape", "small", "--rows", "4", "--new_tokens", "8",
+                        "--prompt_tokens", "8", "--group", "2", "--warmup", "1")
+    assert warm["warmup"] == 1 and result["warmup"] == 0
+    assert warm["max_abs_param_change"] == result["max_abs_param_change"] > 0
 
 
 @pytest.mark.slow
