@@ -13,6 +13,16 @@ from tiny_model import ALPHABET, EOS_TOKEN, SPECIAL_TOKENS
 from tokenizer import build_char_tokenizer, save_char_tokenizer
 
 
+# The device a device-parametrized test runs on: CPU always; CUDA where there is a GPU (skipped here), so the same
+# checks (reference logits, cache masking, CUDA-graph decode, gradients) run on a GPU machine as they are.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -79,10 +79,11 @@ PARITY_CASES = {
 
 
 @pytest.mark.parametrize("case", list(PARITY_CASES))
-def test_logits_match_transformers(tmp_path, case):
+def test_logits_match_transformers(tmp_path, case, device):
     model_type, kw = PARITY_CASES[case]
     path, hf = make_hf(tmp_path, model_type, **kw)
-    ours = Transformer.from_pretrained(path, dtype=torch.float32)
+    hf = hf.to(device)
+    ours = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
 
     with safe_open(path / "model.safetensors", framework="pt") as f:
         stored = set(f.keys())
@@ -91,7 +92,7 @@ def test_logits_match_transformers(tmp_path, case):
     if kw["tied"]:
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
-    tokens = torch.randint(0, VOCAB, (2, 11))
+    tokens = torch.randint(0, VOCAB, (2, 11), device=device)
     with torch.no_grad():
         expected = hf(tokens).logits
         got = ours(tokens)
@@ -147,11 +148,12 @@ def test_sharded_checkpoint_loads(tmp_path):
 PROMPT_LENS = [5, 3, 7]
 
 
-def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[torch.Tensor], pad_id: int = 0, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     pad_lens = torch.tensor([width - len(s) for s in seqs])
-    padded = torch.stack([torch.cat([torch.full((width - len(s),), pad_id), s]) for s in seqs])
-    return padded, pad_lens
+    padded = torch.stack([torch.cat([torch.full((width - len(s),), pad_id), s.cpu()]) for s in seqs])
+    return padded.to(device), pad_lens.to(device)
 
 
 def test_left_pad_is_the_layout_of_pad_lens():
@@ -177,12 +179,12 @@ def test_pad_lens_forward_equals_unpadded(model_type):
 
 
 @pytest.mark.parametrize("model_type,static", [("qwen2", False), ("qwen3", False), ("qwen3", True)])
-def test_kv_cache_decode_matches_full_forward(model_type, static):
+def test_kv_cache_decode_matches_full_forward(model_type, static, device):
     """static: every decode step attends over the whole cache (a fixed kv_len, as a compiled / CUDA-graph step
     does), so the slots not yet written, filled with garbage here, must be masked."""
-    model = make_ours(model_type, num_key_value_heads=1 if model_type == "qwen2" else 2)
-    prompts = [torch.randint(1, VOCAB, (n,)) for n in PROMPT_LENS]
-    padded, pad_lens = left_pad(prompts)
+    model = make_ours(model_type, num_key_value_heads=1 if model_type == "qwen2" else 2).to(device)
+    prompts = [torch.randint(1, VOCAB, (n,), device=device) for n in PROMPT_LENS]
+    padded, pad_lens = left_pad(prompts, device=device)
     width, steps = padded.shape[1], 8
     model.setup_caches(max_batch_size=4, max_seq_len=width + steps + 10)
     for layer in model.model.layers:  # any read of a slot never written would turn logits into NaN
@@ -191,14 +193,14 @@ def test_kv_cache_decode_matches_full_forward(model_type, static):
         layer.self_attn.kv_cache.k_cache.fill_(1e4 if static else float("nan"))
         layer.self_attn.kv_cache.v_cache.fill_(1e4 if static else float("nan"))
 
-    chosen = torch.randint(1, VOCAB, (3, steps))
+    chosen = torch.randint(1, VOCAB, (3, steps), device=device)
     with torch.no_grad():
-        logits = model(padded, input_pos=torch.arange(width), pad_lens=pad_lens)
+        logits = model(padded, input_pos=torch.arange(width, device=device), pad_lens=pad_lens)
         assert torch.isfinite(logits).all()
         for b, prompt in enumerate(prompts):
             assert max_diff(logits[b, pad_lens[b]:], model(prompt[None])[0]) <= TOL
         for t in range(steps):
-            step_logits = model(chosen[:, t:t + 1], input_pos=torch.tensor([width + t]), pad_lens=pad_lens,
+            step_logits = model(chosen[:, t:t + 1], input_pos=torch.tensor([width + t], device=device), pad_lens=pad_lens,
                                 kv_len=width + steps + 10 if static else None)
             assert step_logits.shape == (3, 1, VOCAB)
             for b, prompt in enumerate(prompts):
@@ -209,7 +211,7 @@ def test_kv_cache_decode_matches_full_forward(model_type, static):
     assert all(layer.self_attn.kv_cache is None for layer in model.model.layers)
     assert not any("cache" in k for k in model.state_dict())
     with pytest.raises(RuntimeError, match="setup_caches"):
-        model(padded, input_pos=torch.arange(width))
+        model(padded, input_pos=torch.arange(width, device=device))
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -225,14 +227,14 @@ def test_attention_with_lse_is_softmax_attention_and_its_log_normalizer(fused):
 
 
 @pytest.mark.parametrize("model_type,kv,static", [("qwen2", 1, False), ("qwen3", 2, False), ("qwen3", 2, True)])
-def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type, kv, static):
+def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type, kv, static, device):
     """Cascade attention: G rows per question read the prompt from the question's cache row; after rows are
     dropped and reordered (slots past the prompt gathered, as the engine compacts), logits still equal a
     full forward of prompt + that row's tokens. static: attention over the whole cache (kv_len fixed, as a
     compiled step does), so slots not yet written must be masked."""
-    model = make_ours(model_type, num_key_value_heads=kv)
-    prompts = [torch.randint(1, VOCAB, (n,)) for n in PROMPT_LENS]
-    padded, pad_lens = left_pad(prompts)
+    model = make_ours(model_type, num_key_value_heads=kv).to(device)
+    prompts = [torch.randint(1, VOCAB, (n,), device=device) for n in PROMPT_LENS]
+    padded, pad_lens = left_pad(prompts, device=device)
     group, width, steps = 3, padded.shape[1], 6
     n = len(prompts) * group
     model.setup_caches(max_batch_size=n, max_seq_len=width + steps)
@@ -241,26 +243,27 @@ def test_shared_prompt_decode_matches_full_forward_through_compaction(model_type
         # with a static length the unwritten slots are read by design (masked): large garbage, not NaN (0 x NaN)
         cache.k_cache.fill_(1e4 if static else float("nan"))
         cache.v_cache.fill_(1e4 if static else float("nan"))
-    chosen = torch.randint(1, VOCAB, (n, steps))
-    rows = torch.arange(n)
+    chosen = torch.randint(1, VOCAB, (n, steps), device=device)
+    rows = torch.arange(n, device=device)
     with torch.no_grad():
-        model(padded, input_pos=torch.arange(width), pad_lens=pad_lens)
+        model(padded, input_pos=torch.arange(width, device=device), pad_lens=pad_lens)
         for t in range(steps):
             if t == 3:  # drop question 1 entirely and row 0, reorder the rest
-                keep = torch.tensor([8, 1, 6, 2, 7])
+                keep = torch.tensor([8, 1, 6, 2, 7], device=device)
                 for cache in caches:
                     cache.k_cache[:len(keep), :, width:] = cache.k_cache[keep, :, width:].clone()
                     cache.v_cache[:len(keep), :, width:] = cache.v_cache[keep, :, width:].clone()
                 rows = rows[keep]
             # rows None: every row live and in order (the engine's state before its first compaction)
             prefix = SharedPrefix.for_prompts(pad_lens, width, group, rows if len(rows) < n else None)
-            step = model(chosen[rows, t:t + 1], input_pos=torch.tensor([width + t]), pad_lens=pad_lens[rows // group],
+            step = model(chosen[rows, t:t + 1], input_pos=torch.tensor([width + t], device=device),
+                         pad_lens=pad_lens[rows // group],
                          prefix=prefix, kv_len=width + steps if static else None)
             for i, r in enumerate(rows.tolist()):
                 full = model(torch.cat([prompts[r // group], chosen[r, :t + 1]])[None])[0, -1]
                 assert max_diff(step[i, 0], full) <= TOL
         with pytest.raises(ValueError, match="one decode step"):
-            model(chosen[rows, :2], input_pos=torch.tensor([width, width + 1]), prefix=prefix)
+            model(chosen[rows, :2], input_pos=torch.tensor([width, width + 1], device=device), prefix=prefix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,35 +322,36 @@ SHARED = dict(prompts=[[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]], rows=[0
               completions=[[20, 21, 22], [23, 24], [25], [26, 27, 28, 29, 30], [31, 32, 33], [34, 35]])
 
 
-def _shared_batch(prompts, rows, completions):
-    padded, pad_lens = left_pad([torch.tensor(p) for p in prompts])
+def _shared_batch(prompts, rows, completions, device: torch.device | str = "cpu"):
+    padded, pad_lens = left_pad([torch.tensor(p) for p in prompts], device=device)
     width = max(len(c) for c in completions)
-    conts = torch.tensor([c + [0] * (width - len(c)) for c in completions])
-    return conts, SharedPrompts(padded, pad_lens, torch.tensor(rows))
+    conts = torch.tensor([c + [0] * (width - len(c)) for c in completions], device=device)
+    return conts, SharedPrompts(padded, pad_lens, torch.tensor(rows, device=device))
 
 
 @pytest.mark.parametrize("model_type,kw", [("qwen2", {}), ("qwen3", dict(attention_bias=True))])
-def test_shared_prompts_forward_matches_transformers_on_whole_sequences(tmp_path, model_type, kw):
+def test_shared_prompts_forward_matches_transformers_on_whole_sequences(tmp_path, model_type, kw, device):
     """Each distinct prompt runs once and each row continues it: the logits that predict each completion token
     equal transformers' on the row's own prompt + completion (the oracle), left padding of the prompts included."""
     path, hf = make_hf(tmp_path, model_type, **kw)
-    ours = Transformer.from_pretrained(path, dtype=torch.float32).eval()
-    conts, shared = _shared_batch(**SHARED)
+    hf = hf.to(device)
+    ours = Transformer.from_pretrained(path, device=device, dtype=torch.float32).eval()
+    conts, shared = _shared_batch(**SHARED, device=device)
     with torch.no_grad():
         out = ours(conts, prompts=shared)
         assert out.shape == (len(SHARED["rows"]), conts.shape[1], VOCAB)
         for b, (r, c) in enumerate(zip(SHARED["rows"], SHARED["completions"])):
             p = SHARED["prompts"][r]
-            ref = hf(torch.tensor([p + c])).logits[0, len(p) - 1: len(p) - 1 + len(c)]
+            ref = hf(torch.tensor([p + c], device=device)).logits[0, len(p) - 1: len(p) - 1 + len(c)]
             assert max_diff(out[b, : len(c)], ref) <= TOL
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prompts_forward_gives_the_whole_sequences_gradients(checkpointing):
-    model = make_ours("qwen3").train()
+def test_shared_prompts_forward_gives_the_whole_sequences_gradients(checkpointing, device):
+    model = make_ours("qwen3").to(device).train()
     model.gradient_checkpointing = checkpointing
-    conts, shared = _shared_batch(**SHARED)
-    weights = torch.randn(conts.shape)  # a different weight per token, so every row's gradient counts
+    conts, shared = _shared_batch(**SHARED, device=device)
+    weights = torch.randn(conts.shape, device=device)  # a different weight per token, so every row's gradient counts
     for b, c in enumerate(SHARED["completions"]):
         weights[b, len(c):] = 0.0  # past a row's end: padding
     model(conts, prompts=shared).logsumexp(-1).mul(weights).sum().backward()
@@ -356,7 +360,7 @@ def test_shared_prompts_forward_gives_the_whole_sequences_gradients(checkpointin
     total = 0.0
     for b, (r, c) in enumerate(zip(SHARED["rows"], SHARED["completions"])):
         p = SHARED["prompts"][r]
-        logits = model(torch.tensor([p + c]))[0, len(p) - 1: len(p) - 1 + len(c)]
+        logits = model(torch.tensor([p + c], device=device))[0, len(p) - 1: len(p) - 1 + len(c)]
         total = total + (logits.logsumexp(-1) * weights[b, : len(c)]).sum()
     total.backward()
     assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(shared_grads, model.parameters()))
@@ -553,13 +557,13 @@ def test_missing_and_unexpected_tensors(tmp_path):
         assert max_diff(Transformer.from_pretrained(path, dtype=torch.float32)(tokens), hf(tokens).logits) <= TOL
 
 
-def test_bf16_load_is_close_to_fp32(tmp_path):
+def test_bf16_load_is_close_to_fp32(tmp_path, device):
     path, _ = make_hf(tmp_path, "qwen3", tied=True)
-    fp32 = Transformer.from_pretrained(path, dtype=torch.float32)
-    bf16 = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    fp32 = Transformer.from_pretrained(path, device=device, dtype=torch.float32)
+    bf16 = Transformer.from_pretrained(path, device=device, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     assert bf16.rotary_emb.inv_freq.dtype == torch.float32
-    tokens = torch.randint(0, VOCAB, (2, 8))
+    tokens = torch.randint(0, VOCAB, (2, 8), device=device)
     with torch.no_grad():
         ref, got = fp32(tokens), bf16(tokens)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()

@@ -18,13 +18,13 @@ VOCAB = 23
 EOS = [5, 11]  # frequent enough on a random model that most rows finish early: compaction is exercised
 
 
-def model() -> Transformer:
+def model(device: torch.device | str = "cpu") -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                       max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
                       tie_word_embeddings=True, torch_dtype="float32")
-    return Transformer.from_config(cfg, dtype=torch.float32).eval()
+    return Transformer.from_config(cfg, dtype=torch.float32).eval().to(device)
 
 
 PROMPTS = [[3, 4, 6, 7, 8], [9, 2], [1, 2, 3, 10, 12, 13, 14], [16]]
@@ -106,9 +106,15 @@ PACKING = [False, pytest.param(True, marks=pytest.mark.skipif(not can_pack(torch
                                                                reason="no oneDNN in this torch build"))]
 
 
+def cpu_only_packing(pack: bool, device: torch.device) -> None:
+    if pack and device.type != "cpu":
+        pytest.skip("weights are packed on CPU only")
+
+
 @pytest.mark.parametrize("pack", PACKING)
-def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens(pack):
-    m = model()
+def test_prefix_sharing_compaction_batching_and_reuse_never_change_the_tokens(pack, device):
+    cpu_only_packing(pack, device)
+    m = model(device)
     shared = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, cascade=True, pack_weights=pack), PROMPTS, group=6)
     assert 0.3 < np.mean(shared.finished) < 1.0  # rows end at different times
     # no compaction at all; each row reading its own copy of the prompt's cache instead of the shared one
@@ -143,8 +149,9 @@ def test_an_engine_that_does_not_keep_its_cache_frees_it_after_each_call_and_sam
 
 
 @pytest.mark.parametrize("pack", PACKING)
-def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction(pack):
-    m = model()
+def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction(pack, device):
+    cpu_only_packing(pack, device)
+    m = model(device)
     out = run(RolloutEngine(m, compact_frac=0.1, sync_every=1, cascade=True, pack_weights=pack), PROMPTS, group=5)
     prompts = [p for p in PROMPTS for _ in range(5)]
     episodes = [Episode(prompt="", prompt_token_ids=p, generated_token_ids=g, text="", reward=0.0, reward_info={},
@@ -154,21 +161,22 @@ def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction(pa
         lp, ent, _ = grpo.token_statistics(fwd.logits, fwd.targets)
     for i, g in enumerate(out.tokens):
         assert fwd.targets[i, : len(g)].tolist() == g
-        np.testing.assert_allclose(out.log_probs[i], lp[i, : len(g)].numpy(), atol=1e-5)
-        np.testing.assert_allclose(out.entropies[i], ent[i, : len(g)].numpy(), atol=1e-5)
+        np.testing.assert_allclose(out.log_probs[i], lp[i, : len(g)].cpu().numpy(), atol=1e-5)
+        np.testing.assert_allclose(out.entropies[i], ent[i, : len(g)].cpu().numpy(), atol=1e-5)
         if out.finished[i]:
             assert g[-1] in EOS and not any(t in EOS for t in g[:-1])
 
 
 @pytest.mark.parametrize("pack", PACKING)
-def test_greedy_with_shared_prefixes_is_the_argmax_of_the_full_forward(pack):
-    m = model()
+def test_greedy_with_shared_prefixes_is_the_argmax_of_the_full_forward(pack, device):
+    cpu_only_packing(pack, device)
+    m = model(device)
     out = run(RolloutEngine(m, cascade=True, pack_weights=pack), PROMPTS, group=3, temperature=0.0, max_new=10)
     for r, tokens in enumerate(out.tokens):
         seq = list(PROMPTS[r // 3])
         for tok in tokens:
             with torch.no_grad():
-                assert tok == int(m(torch.tensor([seq]))[0, -1].argmax())
+                assert tok == int(m(torch.tensor([seq], device=device))[0, -1].argmax())
             seq.append(tok)
     assert out.tokens[0] == out.tokens[1] == out.tokens[2]
 
@@ -208,15 +216,17 @@ def test_rollout_episodes_do_not_depend_on_the_batch_size():
 @pytest.mark.slow
 @pytest.mark.parametrize("pack", PACKING)
 @pytest.mark.parametrize("cascade", [False, True])
-def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade, pack):
+def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade, pack, device):
     """torch.compile'd decode (batch compacted to powers of two with finished rows as fillers), with and
-    without cascade attention and packed weights, gives the eager engine's tokens and log-probs."""
+    without cascade attention and packed weights, gives the eager engine's tokens and log-probs. On CUDA the
+    compiled step replays as CUDA graphs."""
+    cpu_only_packing(pack, device)
     torch._dynamo.reset()  # the step's compiled variants from the other cases count towards dynamo's recompile limit
-    m = model()
+    m = model(device)
     eager = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=False, pack_weights=pack), PROMPTS, group=6)
     engine = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=True, cascade=cascade, pack_weights=pack)
     compiled = run(engine, PROMPTS, group=6)
-    assert engine._compiled is not None  # it ran compiled, no fallback
+    assert engine._compiled is not None and engine._graphs == (device.type == "cuda")  # compiled, no fallback
     assert 0.3 < np.mean(eager.finished) < 1.0  # rows end at different times: the batch was compacted
     assert compiled.tokens == eager.tokens
     np.testing.assert_allclose(np.concatenate(compiled.log_probs), np.concatenate(eager.log_probs), atol=1e-5)
@@ -224,14 +234,15 @@ def test_compiled_decode_step_samples_the_same_tokens_as_eager(cascade, pack):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cascade", [False, True])
-def test_the_cuda_graph_steps_whole_cache_attention_masks_every_slot_not_yet_written(cascade):
+def test_the_cuda_graph_steps_whole_cache_attention_masks_every_slot_not_yet_written(cascade, device):
     """On CUDA the compiled step attends over the whole cache (fixed shapes for the graphs); slots past the
     current token hold a previous rollout's keys (and, after a compaction, another row's, since only the
-    written slots move). Forced on a CPU engine, it must still sample the eager engine's tokens."""
+    written slots move). It must still sample the eager engine's tokens; on CPU with that mode forced."""
     torch._dynamo.reset()
-    m = model()
+    m = model(device)
     eager = run(RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=False), PROMPTS, group=6)
     engine = RolloutEngine(m, compact_frac=0.25, sync_every=1, compile=True, cascade=cascade)
+    assert engine._graphs == (device.type == "cuda")
     engine._graphs = True  # what a CUDA engine that keeps its cache sets
     run(engine, [[5] * 11, [7, 1, 7] * 4], group=12, stream=3, max_new=30)  # leaves keys in every slot
     capacity = engine.capacity

@@ -72,6 +72,32 @@ def test_three_steps_write_events_metrics_and_a_reference_loadable_checkpoint(ti
     assert any(not torch.equal(start[k], v) for k, v in ours.state_dict().items())
 
 
+@pytest.mark.slow
+def test_the_24gb_configs_memory_settings_train_and_resume(tiny_assets, tmp_path, device):
+    """config_24GB.yaml's memory settings on the tiny random model: bf16, activation checkpointing, AdamW state
+    offloaded, the rollout's cache released for the update, rollouts in calls of one group (on CUDA also the
+    compiled decode step). Every update is finite and moves the weights; a resumed run ends where a whole one
+    does (bit for bit on CPU)."""
+    def config(out: Path, steps: int):
+        return config_from_dict(run_config(
+            tiny_assets, out, model={"device": device.type, "dtype": "bfloat16", "gradient_checkpointing": True,
+                                     "release_rollout_cache": True},
+            training={"optimizer": "adamw_offload", "rollout_batch_size": 4, "max_steps": steps}))
+    result = trainer.train(config(tmp_path / "whole", 3))
+    assert result.step == 3
+    rows = read_metrics(tmp_path / "whole" / "logs")
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows[1:])
+    assert not any(r.get("nonfinite_skipped") or r.get("update_skipped_no_groups") for r in rows)
+    start, end = weights(tiny_assets["model"]), weights(result.checkpoint)
+    assert any(not torch.equal(start[k], v) for k, v in end.items())
+    trainer.train(config(tmp_path / "halves", 2))
+    resumed = trainer.train(config(tmp_path / "halves", 3), resume=True)
+    assert resumed.step == 3
+    if device.type == "cpu":
+        again = weights(resumed.checkpoint)
+        assert all(torch.equal(again[k], v) for k, v in end.items())
+
+
 def test_resume_is_bit_identical_and_logs_continue_without_gaps(tiny_assets, tmp_path):
     full = config_from_dict(run_config(tiny_assets, tmp_path / "full"))
     trainer.train(full)

@@ -10,6 +10,7 @@ changes the gradient, so each fails here.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -193,8 +194,20 @@ def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="no
 # ------------------------------------------------------------------ the check
 
 
+def on_device(model, weighter, ref_model, device: torch.device):
+    """Copies of the policy, weighter and reference model on `device` for the update under test (the reference
+    gradient is computed on CPU either way)."""
+    if device.type == "cpu":
+        return model, weighter, ref_model
+    weighter = copy.deepcopy(weighter)
+    if getattr(weighter, "head", None) is not None:
+        weighter.head.to(device)
+    return copy.deepcopy(model).to(device), weighter, ref_model and copy.deepcopy(ref_model).to(device)
+
+
 def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout", weighter_name="none",
-                 head: dict | None = None, max_tokens=None, share_prompts=True, advantages=ADVANTAGES, **terms):
+                 head: dict | None = None, max_tokens=None, share_prompts=True, advantages=ADVANTAGES,
+                 device: torch.device = torch.device("cpu"), **terms):
     params = {"think_discount": 0.3, "epsilon": 0.1, "credit_scale": 2.0, "entropy_temp": 0.7,
               "mask_percentile": 60.0, "attribution_entropy_coef": 0.0, "attribution_lr": None, **(head or {})}
     model, ref_model = make_model(0), make_model(1)
@@ -213,6 +226,9 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
     expected = [-(g if g is not None else torch.zeros_like(p)) for p, g in zip(all_params, grads)]
     assert sum(float(g.abs().sum()) for g in expected) > 0
 
+    model, weighter, ref_model = on_device(model, weighter, ref_model, device)
+    extra = weighter.parameters() if weighter is not None else []
+    all_params = list(model.parameters()) + list(extra)
     before = [p.detach().clone() for p in all_params]
     cfg = grpo.UpdateConfig(micro_batch_size=micro, max_tokens_per_micro_batch=max_tokens, loss_agg_mode=mode,
                             max_len=MAX_LEN, max_grad_norm=1e9, share_prompts=share_prompts,
@@ -225,7 +241,8 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
                                ref_model if terms.get("beta") else None, extra)
     assert not stats.skipped
     for p, b, e in zip(all_params, before, expected):
-        torch.testing.assert_close(p.detach() - b, e, rtol=2e-4, atol=2e-6)
+        assert p.device.type == device.type
+        torch.testing.assert_close((p.detach() - b).cpu(), e, rtol=2e-4, atol=2e-6)
     return stats
 
 
@@ -243,8 +260,8 @@ def test_shared_prompt_forward_runs_and_gives_the_formula_gradient(share, monkey
 @pytest.mark.parametrize("micro", [4, 1])
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("loss_name", sorted(grpo.POLICY_LOSSES))
-def test_policy_loss_gradient_equals_the_formula(loss_name, mode, micro):
-    stats = check_update(loss_name, mode, micro, weighter_name="outcome_conditional")
+def test_policy_loss_gradient_equals_the_formula(loss_name, mode, micro, device):
+    stats = check_update(loss_name, mode, micro, weighter_name="outcome_conditional", device=device)
     if loss_name in ("ppo", "dual_clip", "gspo", "cispo"):
         assert 0 < stats.metrics["clip_frac"] < 1  # both regimes are exercised
     if loss_name == "dual_clip":
@@ -255,20 +272,20 @@ def test_policy_loss_gradient_equals_the_formula(loss_name, mode, micro):
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("weighter_name", sorted(gm.WEIGHTERS))
 @pytest.mark.parametrize("loss_name", ["pg", "ppo"])
-def test_token_weighter_gradient_equals_the_formula(weighter_name, loss_name, mode, micro):
-    check_update(loss_name, mode, micro, weighter_name=weighter_name)
+def test_token_weighter_gradient_equals_the_formula(weighter_name, loss_name, mode, micro, device):
+    check_update(loss_name, mode, micro, weighter_name=weighter_name, device=device)
 
 
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("mode", AGG_MODES)
-def test_kl_term_gradient_equals_the_formula(kl, mode):
-    stats = check_update("pg", mode, 2, beta=0.3, kl=kl)
+def test_kl_term_gradient_equals_the_formula(kl, mode, device):
+    stats = check_update("pg", mode, 2, beta=0.3, kl=kl, device=device)
     assert stats.metrics["kl"] != 0
 
 
 @pytest.mark.parametrize("micro", [4, 1])
-def test_entropy_bonus_gradient_equals_the_formula(micro):
-    check_update("ppo", "seq-mean-token-sum", micro, entropy_coef=0.05)
+def test_entropy_bonus_gradient_equals_the_formula(micro, device):
+    check_update("ppo", "seq-mean-token-sum", micro, entropy_coef=0.05, device=device)
 
 
 @pytest.mark.parametrize("loss_name", ["ppo", "dual_clip", "gspo", "cispo"])
