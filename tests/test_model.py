@@ -402,11 +402,12 @@ def _gradients(model, conts, shared, weights):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_update_gives_the_eager_gradients_and_leaves_no_grad_forwards_eager(checkpointing):
-    model = make_ours("qwen3").train()
+def test_compiled_update_gives_the_eager_gradients_and_leaves_no_grad_forwards_eager(checkpointing, device):
+    torch._dynamo.reset()
+    model = make_ours("qwen3").to(device).train()
     model.gradient_checkpointing = checkpointing
-    conts, shared = _shared_batch(**SHARED)
-    weights = torch.randn(conts.shape)
+    conts, shared = _shared_batch(**SHARED, device=device)
+    weights = torch.randn(conts.shape, device=device)
     eager = _gradients(model, conts, shared, weights)
     model.compile_update()
     calls = []
