@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
               "gradient_checkpointing": config.model.gradient_checkpointing,
               "release_rollout_cache": config.model.release_rollout_cache,
               "kv_cache_bytes": run.engine.largest_cache_bytes, "steps": steps}
-    if run.device.type == "cuda":
-        result["device_name"] = torch.cuda.get_device_name(run.device)
     cuda = run.device.type == "cuda"
+    if cuda:
+        result["device_name"] = torch.cuda.get_device_name(run.device)
     label = "peak allocated / reserved" if cuda else "peak resident set"
 
     def memory(s: dict) -> str:
