@@ -18,65 +18,6 @@ import stats
 
 REPO = Path(__file__).resolve().parent.parent
 
-# ------------------------------------------------------------------ statistics
-
-
-def test_t_interval_matches_hand_computation():
-    values = [0.42, 0.47, 0.39, 0.45]
-    mean = sum(values) / 4
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
-    t975_df3 = 3.182446305284263  # Student t table, 97.5th percentile, 3 degrees of freedom
-    iv = stats.t_interval(values)
-    assert iv.mean == pytest.approx(mean) and iv.n == 4
-    assert iv.half_width == pytest.approx(t975_df3 * sd / 2, rel=1e-9)
-    assert iv.low == pytest.approx(mean - iv.half_width)
-    one = stats.t_interval([0.5])
-    assert one.mean == 0.5 and math.isnan(one.half_width)
-    assert math.isnan(stats.t_interval([]).mean)
-
-
-def test_ratio_interval_is_the_t_interval_of_the_logs_mapped_back():
-    ratios = [2.0, 1.5, 2.5]
-    logs = [math.log(r) for r in ratios]
-    mean = sum(logs) / 3
-    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / 2)
-    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2)
-    geo, low, high = stats.ratio_interval(ratios)
-    assert geo == pytest.approx((2.0 * 1.5 * 2.5) ** (1 / 3))
-    assert (low, high) == pytest.approx((math.exp(mean - half), math.exp(mean + half)))
-    assert low < geo < high
-    one = stats.ratio_interval([1.7])
-    assert one[0] == pytest.approx(1.7) and math.isnan(one[1]) and math.isnan(one[2])
-    with pytest.raises(ValueError, match="positive"):
-        stats.ratio_interval([1.0, 0.0])
-
-
-def test_paired_test_matches_hand_computation():
-    treatment, baseline = [0.50, 0.46, 0.52], [0.45, 0.44, 0.46]
-    d = [a - b for a, b in zip(treatment, baseline)]  # 0.05, 0.02, 0.06
-    mean = sum(d) / 3
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
-    t = mean / (sd / math.sqrt(3))  # = 3.7528...
-    cmp = stats.paired_test(treatment, baseline)
-    assert cmp.diff.mean == pytest.approx(mean)
-    assert cmp.diff.half_width == pytest.approx(4.302652729911275 * sd / math.sqrt(3), rel=1e-9)  # t(0.975, 2)
-    # two-sided p for t = 3.7528 with 2 df, from the closed form of the t CDF at 2 df: p = 1 - t / sqrt(t^2 + 2)
-    assert cmp.p_value == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
-    assert cmp.significant == (cmp.p_value < 0.05)
-    # the interval excludes 0 exactly when p < 0.05
-    assert (cmp.diff.low > 0) == cmp.significant
-    assert stats.paired_test([0.3, 0.4], [0.3, 0.4]).p_value == 1.0
-    assert stats.paired_test([0.4, 0.5], [0.3, 0.4]).p_value < 1e-10  # the same gain on every seed
-    with pytest.raises(ValueError, match="one baseline value per seed"):
-        stats.paired_test([1.0], [1.0, 2.0])
-
-
-def test_normalized_auc_is_the_average_height():
-    assert stats.normalized_auc([0, 10, 20], [0.0, 1.0, 1.0]) == pytest.approx((5 + 10) / 20)
-    assert stats.normalized_auc([0, 25, 50, 100], [0.2] * 4) == pytest.approx(0.2)
-    assert stats.normalized_auc([5], [0.3]) == 0.3
-
-
 # ------------------------------------------------------------------ the scheduler
 
 
