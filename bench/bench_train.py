@@ -8,7 +8,7 @@ Each variant runs in its own process (peak memory is a per-process high-water ma
 peak (VmHWM) minus the resident set after the model, episodes and optimizer state are built; on CUDA
 torch.cuda.max_memory_allocated minus the allocation before the update. The parameter change of both variants
 is compared (max abs difference). The body is small and the vocabulary Qwen's, so the logits dominate, as they
-do per micro-batch at any model size; `--shape` takes a named shape of bench_rollout.py instead (Qwen2.5-0.5B,
+do per micro-batch at any model size; `--shape` takes a named shape of harness.SHAPES instead (Qwen2.5-0.5B,
 1.5B, 3B, Qwen3-0.6B, small; random weights). Each variant also reports its model FLOP rate (6 x parameters x
 the tokens it runs, per second) and, with `--peak_tflops` (the device's dense peak), the model FLOP utilization.
 On CUDA one untimed update at learning rate 0 runs first (`--warmup`), so the time is a warm update's.
@@ -23,37 +23,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak_memory import PeakMemory  # noqa: E402
+import harness  # first: it puts the repository root on sys.path
+import grpo
+from data_types import Episode
+from harness import PeakMemory, body_config, model_config
+from qwen2_model import Transformer
 
 
 def child(args: argparse.Namespace) -> None:
-    import grpo
-    from data_types import Episode
-    from qwen2_model import ModelConfig, Transformer
-
-    from bench_rollout import model_config
-
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     if args.shape:
         cfg = model_config(args.shape, args.dtype)
         args.vocab = cfg.vocab_size
     else:
-        cfg = ModelConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                          intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
-                          num_attention_heads=args.hidden // 64, num_key_value_heads=1, head_dim=64,
-                          max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                          torch_dtype=args.dtype)
+        cfg = body_config(args.hidden, args.layers, args.vocab, 1, args.dtype)
     model = Transformer.from_config(cfg, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, args.vocab, (args.prompt_tokens,), generator=g).tolist()
@@ -83,20 +73,32 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_bytes_above_model": peak, "seconds": seconds, "model_tflops": flops / seconds / 1e12}))
 
 
+def run_variants(args: argparse.Namespace, keys: tuple[str, ...], variants: dict[str, tuple[int, int]]
+                 ) -> tuple[dict[str, dict], float, float]:
+    """Each variant (name -> (chunk, share)) in a child process of its own; their results, and the largest
+    difference of a variant's parameter change from the full-logits one's beside the largest change."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, (chunk, share) in variants.items():
+            out = f"{d}/{name}.pt"
+            cmd = [sys.executable, __file__, "--child", "--out", out, "--chunk", str(chunk), "--share", str(share)] + [
+                f"--{k}={getattr(args, k)}" for k in keys]
+            runs[name] = harness.child_json(cmd)
+            runs[name]["delta"] = torch.load(out)
+    diff = max(float((runs["full_logits"]["delta"] - runs[name]["delta"]).abs().max()) for name in variants)
+    return runs, diff, float(runs["full_logits"]["delta"].abs().max())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    harness.add_body_args(p, hidden=256, layers=2, vocab=151936)
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--prompt_tokens", type=int, default=32)
     p.add_argument("--group", type=int, default=1, help="rows per prompt (GRPO's group size); >1 adds the shared variant")
     p.add_argument("--share", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, default=512, help="the chunked variant's logits_chunk_tokens")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--shape", default="", help="a named shape of bench_rollout.py (overrides --vocab/--hidden/--layers)")
+    p.add_argument("--shape", default="", help="a named shape of harness.SHAPES (overrides --vocab/--hidden/--layers)")
     p.add_argument("--peak_tflops", type=float, default=None, help="device dense peak, for MFU")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed updates (lr 0) before the timed one; default 1 on CUDA, 0 on CPU, where the peak "
@@ -110,8 +112,6 @@ def main() -> None:
         child(args)
         return
     if args.shape:  # the shape decides the body: report it
-        from bench_rollout import model_config
-
         cfg = model_config(args.shape, args.dtype)
         args.vocab, args.hidden, args.layers = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
     keys = ("vocab", "hidden", "layers", "rows", "new_tokens", "prompt_tokens", "group", "device", "dtype", "shape",
@@ -120,29 +120,18 @@ def main() -> None:
     variants = {"full_logits": (0, 0), "chunked": (args.chunk, 0)}
     if args.group > 1:
         variants["chunked_shared_prompts"] = (args.chunk, 1)
-    with tempfile.TemporaryDirectory() as d:
-        runs = {}
-        for name, (chunk, share) in variants.items():
-            out = f"{d}/{name}.pt"
-            cmd = [sys.executable, __file__, "--child", "--out", out, "--chunk", str(chunk), "--share", str(share)] + [
-                f"--{k}={getattr(args, k)}" for k in keys]
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            runs[name] = json.loads(line)
-            runs[name]["delta"] = torch.load(out)
-        diff = max(float((runs["full_logits"]["delta"] - runs[name]["delta"]).abs().max()) for name in variants)
-        scale = float(runs["full_logits"]["delta"].abs().max())
+    runs, diff, scale = run_variants(args, keys, variants)
     gib = 1024 ** 3
     print(f"update of {args.rows} x ({args.prompt_tokens} prompt + {args.new_tokens} generated) tokens, groups of "
           f"{args.group}, {args.shape or 'custom body'}, vocab {args.vocab}, {args.device}, {args.dtype}")
-    print("| variant | peak above model | time | model TFLOP/s | MFU |")
-    print("|---|---|---|---|---|")
-    for name in variants:
-        r = runs[name]
+    table = []
+    for name, r in runs.items():
         mfu = r["model_tflops"] / args.peak_tflops if args.peak_tflops else None
-        print(f"| {name} | {r['peak_bytes_above_model'] / gib:.2f} GiB | {r['seconds']:.1f} s | {r['model_tflops']:.3f} | "
-              f"{'-' if mfu is None else f'{mfu:.1%}'} |")
         results[name] = {"peak_gib_above_model": r["peak_bytes_above_model"] / gib, "seconds": r["seconds"],
                          "model_tflops": r["model_tflops"], "mfu": mfu}
+        table.append([name, f"{r['peak_bytes_above_model'] / gib:.2f} GiB", f"{r['seconds']:.1f} s",
+                      f"{r['model_tflops']:.3f}", "-" if mfu is None else f"{mfu:.1%}"])
+    print(harness.markdown_table(["variant", "peak above model", "time", "model TFLOP/s", "MFU"], table))
     print(f"max |parameter change difference| = {diff:.2e} (largest change {scale:.2e})")
     results["max_abs_param_change_diff"], results["max_abs_param_change"] = diff, scale
     print(json.dumps(results))

@@ -29,19 +29,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import trainer  # noqa: E402
-from config import load_config  # noqa: E402
-from stats import ratio_interval  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
-
-
-def our_run(config_path: str, out: Path, threads: int, extra: list[str]) -> trainer.Run:
-    overrides = [f"training.log_dir={out / 'logs'}", f"training.ckpt_dir={out / 'ckpt'}", f"credit.dir={out / 'credit'}",
-                 "training.max_steps=1000000", "training.eval_interval=1000000", "training.ckpt_save_interval=1000000",
-                 f"training.num_threads={threads}", *extra]
-    return trainer.setup(load_config(config_path, overrides), resume=None)
+import harness  # first: it puts the repository root on sys.path
+import trainer
+from harness import REPO
+from stats import ratio_interval
+from tokenizer import Tokenizer
 
 
 def time_ours(run: trainer.Run, first_step: int, steps: int) -> tuple[list[float], list[float]]:
@@ -97,6 +89,26 @@ def trl_trainer(run: trainer.Run, model, out: Path, steps: int, seed: int):
                        callbacks=[timer]), timer
 
 
+def alternate_blocks(run: trainer.Run, ref_model, tmp: Path, rounds: int, steps: int
+                     ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """`rounds` rounds of a block of our steps, then a block of TRL's: our step and rollout times, TRL's step
+    times (each block's first step left out) and each round's TRL / ours ratio of medians."""
+    ours, ours_rollout, theirs, round_ratios = [], [], [], []
+    step = 1
+    for r in range(rounds):
+        totals, rollouts = time_ours(run, step, steps)
+        step += steps
+        ours += totals[1:]
+        ours_rollout += rollouts[1:]
+        trl_run, timer = trl_trainer(run, ref_model, tmp / f"trl{r}", steps, seed=r)
+        trl_run.train()
+        theirs += timer.times[1:]
+        round_ratios.append(statistics.median(timer.times[1:]) / statistics.median(totals[1:]))
+        print(f"round {r + 1}: ours {statistics.median(totals[1:]):.3f} s/step, "
+              f"TRL {statistics.median(timer.times[1:]):.3f} s/step", flush=True)
+    return ours, ours_rollout, theirs, round_ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "config_tiny.yaml"))
@@ -114,21 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        run = our_run(args.config, Path(tmp) / "ours", args.threads, args.overrides)  # builds the tiny model if missing
+        # builds the tiny model if missing
+        run = harness.setup_run(args.config, Path(tmp) / "ours", [f"training.num_threads={args.threads}", *args.overrides])
         ref_model = AutoModelForCausalLM.from_pretrained(run.config.model.path, dtype=torch.float32)
-        ours, ours_rollout, theirs, round_ratios = [], [], [], []
-        step = 1
-        for r in range(args.rounds):
-            totals, rollouts = time_ours(run, step, args.steps)
-            step += args.steps
-            ours += totals[1:]
-            ours_rollout += rollouts[1:]
-            trl_run, timer = trl_trainer(run, ref_model, Path(tmp) / f"trl{r}", args.steps, seed=r)
-            trl_run.train()
-            theirs += timer.times[1:]
-            round_ratios.append(statistics.median(timer.times[1:]) / statistics.median(totals[1:]))
-            print(f"round {r + 1}: ours {statistics.median(totals[1:]):.3f} s/step, "
-                  f"TRL {statistics.median(timer.times[1:]):.3f} s/step", flush=True)
+        ours, ours_rollout, theirs, round_ratios = alternate_blocks(run, ref_model, Path(tmp), args.rounds, args.steps)
     result = {
         "bench": "grpo_step_vs_trl", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": trl.__version__,
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     interval = ""
     if len(round_ratios) >= 2:
         result["ratio_ci95"] = [low, high]
-        interval = f" (95% interval over rounds {result['ratio_ci95'][0]:.2f}-{result['ratio_ci95'][1]:.2f}x)"
+        interval = f" (95% interval over rounds {low:.2f}-{high:.2f}x)"
     print(f"\n{'':12}{'s/step (median)':>18}\nours{result['ours_s_per_step']:>26.3f}  (rollout "
           f"{result['ours_rollout_s']:.3f})\nTRL {result['trl_s_per_step']:>26.3f}\n"
           f"TRL takes {result['trl_over_ours']:.2f}x our time per step{interval}")

@@ -63,3 +63,47 @@ def test_bench_step_runs_a_configs_real_step_at_a_shape_and_reuses_its_workdir(t
     assert weights.stat().st_mtime_ns == built  # the model is built once per workdir
     other = subprocess.run([sys.executable, *args, "--hidden", "32"], cwd=REPO, capture_output=True, text=True)
     assert other.returncode != 0 and "another shape" in other.stderr  # never a model of the wrong shape
+
+
+@pytest.mark.slow
+def test_bench_model_matches_transformers_logits_and_greedy_tokens():
+    pytest.importorskip("transformers")
+    out, result = run_bench("bench/bench_model.py", "--hidden", "64", "--layers", "1", "--vocab", "128", "--batch", "2",
+                            "--seq", "8", "--gen_batch", "2", "--new_tokens", "3", "--repeats", "1")
+    assert "| forward+backward |" in out
+    assert result["max_abs_logit_diff"] < 1e-4 and result["greedy_tokens_identical"] == 1.0
+    assert all(result[name]["ours"] > 0 and result[name]["transformers"] > 0
+               for name in ("forward", "forward+backward", "greedy generation (KV cache)"))
+
+
+@pytest.mark.slow
+def test_probe_engines_compares_engines_in_one_process_and_refuses_an_unknown_one():
+    out = subprocess.run([sys.executable, "bench/probe_engines.py", "--engines", "eager,eager+pack", "--rounds", "2",
+                          "--new_tokens", "2", "--threads", "1"], cwd=REPO, check=True, capture_output=True,
+                         text=True).stdout
+    assert "rows with the first engine's tokens: {'eager': 32," in out  # the first engine against itself
+    assert "eager / eager+pack: " in out and "x [" in out  # two rounds: a ratio with its interval
+    bad = subprocess.run([sys.executable, "bench/probe_engines.py", "--engines", "eager,fast"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--engines: 'fast'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_probe_ops_profiles_a_rollout_by_op():
+    out = subprocess.run([sys.executable, "bench/probe_ops.py", "rollout", "--workload", "grpo", "--new_tokens", "2",
+                          "--threads", "1"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert "small, grpo: rollout s" in out and "Self CPU time total" in out
+
+
+def test_harness_ratio_text_and_table():
+    sys.path.insert(0, str(REPO / "bench"))
+    import harness
+
+    assert harness.ratio_text((1.7312, 1.4449, 1.8901)) == "1.73x [1.44, 1.89]"
+    assert harness.ratio_text(harness.paired_ratio([2.0], [1.0])) == "2.00x"  # one round: no interval
+    mean, low, high = harness.paired_ratio([2.0, 4.0], [1.0, 1.0])
+    assert mean == pytest.approx(8 ** 0.5) and low < mean < high
+    assert harness.markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+    calls = []
+    times = harness.alternate({"f": lambda: calls.append("f"), "g": lambda: calls.append("g")}, 2)
+    assert calls == ["f", "g", "f", "g"] and [len(t) for t in times.values()] == [2, 2]
