@@ -85,6 +85,9 @@ def test_estimates_lie_within_a_few_standard_errors_of_the_exact_values(policy, 
     k = 256
     values, stderr = estimate(policy, k, seed=11, temperature=temperature)
     assert values[-1] == reward(COMPLETION) and stderr[-1] == 0.0  # finished: its reward, exactly
+    for done in ([2, 0], [1, 1, 1, 1]):  # ended by the end token / full
+        v, s = estimate(policy, 4, seed=1, temperature=temperature, completion=done)
+        assert v[-1] == reward(done) and s[-1] == 0.0
     z = (values[:-1] - exact[:-1]) / (sd[:-1] / math.sqrt(k))
     assert np.abs(z).max() < 4.0, z
     # the reported errors are the true ones: a sample SD of 256 draws is within ~10% of the SD where the
@@ -114,8 +117,10 @@ def test_reported_errors_match_the_spread_of_estimates_over_seeds_and_small_k_is
     np.testing.assert_allclose(values.var(0, ddof=1)[spread], true_var[spread], rtol=0.3)
 
 
-QUERIES = [  # two groups sharing prompts (their prompt-alone state is one state), one unfinished completion
+QUERIES = [  # two groups sharing prompts (their prompt-alone state is one state), one unfinished completion, and
+    # the state [1, 2, 3] reached by three episodes with different budgets (3, 3 and 4 more tokens)
     (PROMPT, [3, 1, 2, 0]), (PROMPT, [3, 3, 0]), (PROMPT, [2, 0]), ([3], [1, 1, 1, 1]), ([3], [1, 2]), ([2, 2, 1], []),
+    ([1, 2, 3], [1, 1]),
 ]
 
 
