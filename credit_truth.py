@@ -503,9 +503,12 @@ def analyze(args: argparse.Namespace) -> Report:
     g = config.training.num_answers_per_question
     if args.episodes < g or args.episodes % g:
         raise ValueError(f"--episodes must be a multiple of the group size {g} (training.num_answers_per_question)")
+    if args.bootstrap < 1:
+        raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    model, tokenizer = load_checkpoint(Path(args.checkpoint))
+    cv.check_settings(args.k, config.training.max_new_tokens, config.training.temperature, tokenizer.end_token_ids)
     task = build_task(config)
     train, test = task.load()
-    model, tokenizer = load_checkpoint(Path(args.checkpoint))
     engine = RolloutEngine(model)
     episodes = sample_episodes(model, tokenizer, task, test if args.split == "test" else train, args.episodes // g,
                                config, args.seed, engine)

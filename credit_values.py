@@ -94,7 +94,8 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check_settings(k: Any, max_new_tokens: Any, temperature: Any, eos_ids: Sequence[int]) -> None:
+def check_settings(k: Any, max_new_tokens: Any, temperature: Any, eos_ids: Sequence[int]) -> None:
+    """ValueError naming the first bad argument (a caller may check before it samples the episodes)."""
     if not _is_int(k) or k < 2:
         raise ValueError(f"k must be an integer >= 2 (a standard error needs two continuations), got {k!r}")
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
@@ -267,7 +268,7 @@ def estimate_values(model: torch.nn.Module, queries: Sequence[ValueQuery], *, k:
     single-process estimates. Every check runs (and each reward_fn is tried on its completion) before any
     sampling; a reward_fn failing later still raises before anything is returned."""
     eos_ids = [eos_token_id] if _is_int(eos_token_id) else list(eos_token_id)
-    _check_settings(k, max_new_tokens, temperature, eos_ids)
+    check_settings(k, max_new_tokens, temperature, eos_ids)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     plan = plan_states(queries, max_new_tokens, eos_ids, vocab)
     for i, q in enumerate(queries):  # a broken reward function fails now, not after the sampling

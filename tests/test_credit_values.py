@@ -4,7 +4,12 @@ and the step boundaries on a character vocabulary and on Qwen3's BPE tokenizer."
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ import torch
 
 import bandit_task
 import credit_values as cv
+import distributed
 from qwen2_model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -29,8 +35,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def policy() -> Transformer:
+    return make_policy()
+
+
+def make_policy() -> Transformer:
     """A random Qwen2 over 4 tokens with weights large enough that its next-token distributions are far from
-    uniform and depend on the context."""
+    uniform and depend on the context (the same weights in every process)."""
     torch.manual_seed(3)
     cfg = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
@@ -156,6 +166,36 @@ def test_the_same_seed_gives_the_same_estimates_whatever_the_batch_layout(policy
     assert cost.continuations == 8 * len(distinct) and 0 < cost.kept_tokens <= cost.sampled_tokens
 
 
+def test_states_sharded_over_torchrun_ranks_give_the_single_process_estimates(policy, tmp_path):
+    """Two gloo processes (torchrun), each sampling half of the states: every rank returns the estimates and the
+    cost of one process."""
+    out = tmp_path / "ranks"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           __file__, str(out)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single, cost = batch(policy, QUERIES, seed=5)
+    for rank in range(2):
+        got = json.loads((out / f"rank{rank}.json").read_text())
+        assert got["values"] == [e.values.tolist() for e in single]
+        assert got["stderr"] == [e.stderr.tolist() for e in single]
+        assert got["cost"] == vars(cost)
+
+
+def _rank_worker(out: str) -> None:
+    """Run under torchrun by the test above: this rank's estimates of QUERIES, written as JSON."""
+    d = distributed.init(torch.device("cpu"))
+    torch.set_num_threads(1)
+    estimates, cost = batch(make_policy().eval(), QUERIES, seed=5, dist=d)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"rank{d.rank}.json").write_text(json.dumps({
+        "values": [e.values.tolist() for e in estimates], "stderr": [e.stderr.tolist() for e in estimates],
+        "cost": vars(cost)}))
+    distributed.shutdown(d)
+
+
 def test_positions_select_states_and_steps_give_step_advantages(policy):
     values, stderr = estimate(policy, 16, seed=2)
     some, some_err = estimate(policy, 16, seed=2, positions=[4, 0, 2])
@@ -270,3 +310,7 @@ def test_token_boundaries_on_qwen3_bpe():
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
     # a boundary inside a multi-character token falls after it
     assert cv.token_boundaries(tok.decode, ids, [1, len(text)]) == [1, len(ids)]
+
+
+if __name__ == "__main__":
+    _rank_worker(sys.argv[1])
