@@ -154,18 +154,19 @@ def words_trace(solution: task.Solution, filler_variety: int, rng: random.Random
 
 
 def words_example(problem: task.CountdownProblem, tokenizer: Tokenizer, settings: WordsSettings,
-                  rng: random.Random, filler_rng: random.Random) -> tuple[list[int], int] | None:
+                  rng: random.Random, filler_rng: random.Random, prompt_style: str = "compact",
+                  ) -> tuple[list[int], int] | None:
     """(prompt + words trace + eos token ids, prompt length), or None when the problem has no solution:
     tiny_model.sft_example with the trace in words."""
     solution = task.solve(problem.numbers, problem.target, rng if settings.varied_traces else None)
     if solution is None:
         return None
-    prompt = tokenizer.encode(task.build_prompt(problem, "compact"))
+    prompt = tokenizer.encode(task.build_prompt(problem, prompt_style))
     completion = tokenizer.encode(words_trace(solution, settings.filler_variety, filler_rng))
     return prompt + completion + [tokenizer.eos_token_id], len(prompt)
 
 
-def corpus(problems: Sequence[task.CountdownProblem], seed: int) -> list[str]:
+def corpus(problems: Sequence[task.CountdownProblem], seed: int, prompt_style: str = "compact") -> list[str]:
     """Prompt + words trace of each solvable problem, filler from the whole pool: the BPE's training text,
     the same whatever filler_variety the warm-up uses."""
     rng = random.Random(seed)
@@ -173,7 +174,7 @@ def corpus(problems: Sequence[task.CountdownProblem], seed: int) -> list[str]:
     for problem in problems:
         solution = task.solve(problem.numbers, problem.target, rng)
         if solution is not None:
-            texts.append(task.build_prompt(problem, "compact") + words_trace(solution, len(FILLER_POOL), rng))
+            texts.append(task.build_prompt(problem, prompt_style) + words_trace(solution, len(FILLER_POOL), rng))
     return texts
 
 
@@ -272,15 +273,16 @@ def check_settings(settings: WordsSettings) -> None:
                                 f"tiny.num_attention_heads={settings.num_attention_heads}")
 
 
-def build_words_model(settings: WordsSettings, out_dir: str | Path, train_set: Sequence[task.CountdownProblem]) -> Path:
-    """Train the vocabulary on the training split's traces, warm the model up on words traces of it (the eval
+def build_words_model(settings: WordsSettings, out_dir: str | Path, train_set: Sequence[task.CountdownProblem],
+                      prompt_style: str = "compact") -> Path:
+    """Train the vocabulary on the training split's prompts and traces, warm the model up on words traces of it (the eval
     problems stay unseen), and write the model directory atomically. Deterministic for `settings.seed` on a
     given machine and thread count."""
     check_settings(settings)
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
     problems = [p for p in train_set[: settings.num_train_problems] if task.solve(p.numbers, p.target) is not None]
-    backend = train_bpe(corpus(problems, settings.seed), settings.bpe_vocab_size)
+    backend = train_bpe(corpus(problems, settings.seed, prompt_style), settings.bpe_vocab_size)
     staging = out_dir.with_name(out_dir.name + ".tokenizer")
     save_char_tokenizer(backend, staging, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)  # any tokenizers.Tokenizer
     tokenizer = Tokenizer(staging)
@@ -295,8 +297,8 @@ def build_words_model(settings: WordsSettings, out_dir: str | Path, train_set: S
     lengths: list[int] = []
 
     def next_batch() -> list[tuple[list[int], int]]:
-        batch = [words_example(problems[rng.randrange(len(problems))], tokenizer, settings, rng, filler_rng)
-                 for _ in range(settings.warmup_batch_size)]
+        batch = [words_example(problems[rng.randrange(len(problems))], tokenizer, settings, rng, filler_rng,
+                               prompt_style) for _ in range(settings.warmup_batch_size)]
         lengths.extend(len(ids) - n for ids, n in batch)
         return batch
 
@@ -309,7 +311,7 @@ def build_words_model(settings: WordsSettings, out_dir: str | Path, train_set: S
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
             (tmp / name).write_bytes((staging / name).read_bytes())
         (tmp / "warmup.json").write_text(json.dumps({
-            "testbed": "words", "settings": asdict(settings), "params": n_params, "vocab_size": tokenizer.vocab_size,
+            "testbed": "words", "settings": asdict(settings), "prompt_style": prompt_style, "params": n_params, "vocab_size": tokenizer.vocab_size,
             "final_loss": final_loss, "seconds": time.perf_counter() - t_start, "problems": len(problems),
             "completion_tokens": {"mean": sum(lengths) / len(lengths), "max": max(lengths)},
         }, indent=2))
@@ -393,12 +395,18 @@ def _training_split(args: argparse.Namespace) -> list[task.CountdownProblem]:
     return task.split_dataset(problems, args.test_size)[0]
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def _cmd_build(args: argparse.Namespace) -> None:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     settings = WordsSettings(**{f.name: getattr(args, f.name) for f in fields(WordsSettings)})
     check_settings(settings)  # before the data is generated
-    build_words_model(settings, args.out, _training_split(args))
+    build_words_model(settings, args.out, _training_split(args), args.prompt_style)
 
 
 def _cmd_credit(args: argparse.Namespace) -> None:
@@ -434,9 +442,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     build.add_argument("--data", help="a Countdown dataset (default: config_tiny.yaml's generated problems)")
     build.add_argument("--generate", type=int, default=20000, help="problems to generate without --data (20000)")
     build.add_argument("--test_size", type=int, default=256, help="last rows held out, as data.test_size (256)")
+    build.add_argument("--prompt_style", default="compact", choices=task.PROMPT_STYLES, help="data.prompt_style")
     build.add_argument("--num_threads", type=int, default=0, help="torch threads (0: torch's default)")
     for f in fields(WordsSettings):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))
+        kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
         build.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"tiny.{f.name} ({f.default})")
     build.set_defaults(func=_cmd_build)
     credit = sub.add_parser("credit", help="credit by part: pool filler, reasoning sentences, answer",
