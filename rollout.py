@@ -10,8 +10,8 @@ layout: compaction, prefix sharing, micro-batching or sharding questions over ra
 A plain `generate` call keys each row by its index, so 4,000 copies of one prompt draw 4,000 independent
 samples.
 
-grpo.py keeps the algorithm and its simple entry points (`grpo.generate`, `grpo.sample`, `grpo.rollout`),
-which call this module.
+The entry points: `generate` (completions of token prompts), `rollout` (a GRPO batch: G scored completions per
+question, as Episodes).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from data_types import Episode
 from qwen2_model import SharedPrefix, left_pad
 
 MASK64 = (1 << 64) - 1
@@ -385,3 +386,130 @@ class _Outputs:
         toks, lps, ents = self.tokens.tolist(), self.log_probs.tolist(), self.entropies.tolist()
         return RolloutOutput([r[:k] for r, k in zip(toks, lengths)], [r[:k] for r, k in zip(lps, lengths)],
                              [r[:k] for r, k in zip(ents, lengths)], self.finished.tolist())
+
+
+# ============================================================================ sampling (entry points; the engine is rollout.py)
+
+
+SampleOutput = RolloutOutput  # tokens, log_probs, entropies, finished per row
+
+
+def _stream(seed: int | None, generator: torch.Generator | None) -> int:
+    """The noise stream of a call: from `seed`, else drawn from `generator` (so a seeded generator still
+    gives reproducible calls), else fixed."""
+    if seed is not None:
+        return stream_key(seed)
+    if generator is not None:
+        return stream_key(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return stream_key(0)
+
+
+def sample(
+    model: torch.nn.Module,
+    prompt_token_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    pad_token_id: int = 0,
+) -> SampleOutput:
+    """Completions of prompts of different lengths, with log-probs and entropies (the rollout engine,
+    rollout.py). Each row is keyed by its index: identical prompts still draw independent samples."""
+    n = len(prompt_token_ids)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    engine = RolloutEngine(model)
+    try:
+        keys = row_keys(_stream(seed, generator), range(n), [0] * n)
+        return engine.generate(prompt_token_ids, keys, 1, max_new_tokens, eos, temperature, top_p, pad_token_id)
+    finally:
+        engine.release()
+
+
+def generate(
+    model: torch.nn.Module,
+    prompt_token_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    pad_token_id: int = 0,
+) -> list[list[int]]:
+    """Each prompt's completion: new tokens up to and including the first end token."""
+    return sample(
+        model, prompt_token_ids, max_new_tokens, eos_token_id, temperature, top_p, seed, generator, pad_token_id
+    ).tokens
+
+
+def section_start(tokenizer: Any, token_ids: Sequence[int], text: str, tag: str = "<answer>") -> int | None:
+    """Index of the first token whose text overlaps `tag`'s first occurrence in the decoded completion.
+
+    Works whether the tag is one token (a char-level vocabulary) or split over several (Qwen's BPE);
+    binary search over prefix decodes keeps it O(n log n).
+    """
+    char_start = text.find(tag)
+    if char_start < 0:
+        return None
+    lo, hi = 0, len(token_ids) - 1
+    while lo < hi:  # smallest k with len(decode(ids[:k+1])) > char_start
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(list(token_ids[: mid + 1]))) > char_start:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def rollout(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problems: Sequence[Any],
+    prompts: Sequence[str],
+    reward_fn: Callable[[Any, str], dict],
+    num_answers_per_question: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    *,
+    stream: int | None = None,
+    question_ids: Sequence[int] | None = None,
+    engine: RolloutEngine | None = None,
+) -> list[Episode]:
+    """Sample `num_answers_per_question` completions per question and score them.
+
+    Episodes come back group-major: episodes[q * group_size + j] is answer j to question q. Row (q, j) is
+    keyed by (stream, question_ids[q], j) (rollout.py), so the same call always samples the same tokens
+    however it is batched. `stream` defaults to one drawn from `generator`. `batch_size` caps the rows per
+    engine call. `reward_fn(problem, completion_text)` returns {"reward": float, "reward_info": {...}}.
+    """
+    g = num_answers_per_question
+    qids = list(range(len(prompts))) if question_ids is None else list(question_ids)
+    stream = _stream(None, generator) if stream is None else stream
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    engine = engine or RolloutEngine(model)
+    per_call = max(1, (batch_size or len(prompts) * g) // g)
+    outputs = []
+    for start in range(0, len(prompts), per_call):
+        chunk = range(start, min(len(prompts), start + per_call))
+        keys = row_keys(stream, [qids[q] for q in chunk for _ in range(g)], [j for _ in chunk for j in range(g)])
+        outputs.append(engine.generate([prompt_ids[q] for q in chunk], keys, g, max_new_tokens,
+                                       tokenizer.end_token_ids, temperature, top_p, tokenizer.pad_token_id))
+    rows = [(t, lp, h, f) for o in outputs for t, lp, h, f in zip(o.tokens, o.log_probs, o.entropies, o.finished)]
+    episodes = []
+    for i, (gen, log_probs, entropies, finished) in enumerate(rows):
+        q = i // g
+        body = gen[:-1] if finished else gen  # the end token is not part of the answer text
+        text = tokenizer.decode(body)
+        scored = reward_fn(problems[q], text)
+        episodes.append(Episode(
+            prompt=prompts[q], prompt_token_ids=prompt_ids[q], generated_token_ids=gen, text=text,
+            reward=float(scored["reward"]), reward_info=dict(scored["reward_info"]), finished=finished,
+            group_idx=q, problem=problems[q], log_probs=log_probs, entropies=entropies,
+            answer_start=section_start(tokenizer, body, text) if body else None,
+        ))
+    return episodes

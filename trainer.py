@@ -25,6 +25,8 @@ import torch
 
 import distributed
 import grpo
+import rollout
+import update
 from checkpoint import latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint
 from config import Config, weighter_values
 from credit_logger import CreditLogger, step_files
@@ -118,7 +120,7 @@ def reference_episode(task: Task, problem: Any, prompt: str, tokenizer: Tokenize
     ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
     return Episode(prompt=prompt, prompt_token_ids=tokenizer.encode(prompt), generated_token_ids=ids, text=text,
                    reward=float(scored["reward"]), reward_info=dict(scored["reward_info"]), finished=True,
-                   group_idx=group_idx, problem=problem, answer_start=grpo.section_start(tokenizer, ids[:-1], text))
+                   group_idx=group_idx, problem=problem, answer_start=rollout.section_start(tokenizer, ids[:-1], text))
 
 
 # ============================================================================ rollouts and evaluation
@@ -126,11 +128,11 @@ def reference_episode(task: Task, problem: Any, prompt: str, tokenizer: Tokenize
 
 def sharded_rollout(model: Transformer, dist: Dist, problems: Sequence[Any], prompts: Sequence[str],
                     question_ids: Sequence[int], **kwargs: Any) -> list[Episode]:
-    """`grpo.rollout` of this rank's contiguous shard of the questions, gathered in rank order: every rank
+    """`rollout.rollout` of this rank's contiguous shard of the questions, gathered in rank order: every rank
     gets exactly what one process would have sampled (the noise is keyed by question id, not batch position)."""
     part = distributed.shard(len(problems), dist)
     with distributed.full_weights(model, dist):
-        mine = grpo.rollout(model, problems=[problems[i] for i in part], prompts=[prompts[i] for i in part],
+        mine = rollout.rollout(model, problems=[problems[i] for i in part], prompts=[prompts[i] for i in part],
                             question_ids=[question_ids[i] for i in part], **kwargs)
     return distributed.gather(mine, dist)
 
@@ -269,7 +271,7 @@ class Run:
     sampler: QuestionSampler
     credit: CreditLogger | None
     metrics_log: MetricsLog
-    update_cfg: grpo.UpdateConfig
+    update_cfg: update.UpdateConfig
     start_step: int
     tokenizer_dir: Path
     engine: RolloutEngine | None = None  # the rollout engine, its KV cache reused across rollouts
@@ -308,9 +310,9 @@ def _seed_everything(t: Any) -> None:
     np.random.seed(t.seed % 2**32)
 
 
-def update_config(config: Config, tokenizer: Tokenizer) -> grpo.UpdateConfig:
+def update_config(config: Config, tokenizer: Tokenizer) -> update.UpdateConfig:
     t, a = config.training, config.algorithm
-    return grpo.UpdateConfig(
+    return update.UpdateConfig(
         micro_batch_size=t.micro_batch_size, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
         share_prompts=t.share_prompts,
         loss_agg_mode=a.loss_agg_mode, max_len=t.max_new_tokens,
@@ -533,7 +535,7 @@ def apply_update(run: Run, step: int, episodes: list[Episode], kept: list[Episod
         heads = [episodes[q * g] for q in range(len(episodes) // g)]
         teachers = [r for q, e in enumerate(heads)
                     if (r := reference_episode(run.task, e.problem, e.prompt, run.tokenizer, q, run.reference_cache))]
-    stats = grpo.update_policy(run.train_model or run.model, run.optimizer, kept, flat_adv, run.update_cfg,
+    stats = update.update_policy(run.train_model or run.model, run.optimizer, kept, flat_adv, run.update_cfg,
                                run.weighter, run.ref_model, run.weighter.parameters(), teachers, run.dist)
     metrics.update(stats.metrics)
     if not stats.skipped:

@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed  # noqa: E402
-import grpo  # noqa: E402
 import grpo_mitigations as gm  # noqa: E402
+import update  # noqa: E402
 from data_types import Episode  # noqa: E402
 from distributed import Dist  # noqa: E402
 from qwen2_model import ModelConfig, Transformer  # noqa: E402
@@ -66,10 +66,10 @@ def run_case(case: tuple, d: Dist) -> dict[str, torch.Tensor]:
     head = weighter.parameters() if weighter is not None else []
     optimizer = torch.optim.SGD(list(model.parameters()) + head, lr=1.0)
     episodes, advantages = make_batch()
-    cfg = grpo.UpdateConfig(micro_batch_size=mb, loss_agg_mode=agg, policy_loss=loss, num_iterations=iterations,
+    cfg = update.UpdateConfig(micro_batch_size=mb, loss_agg_mode=agg, policy_loss=loss, num_iterations=iterations,
                             old_log_probs="rollout", max_grad_norm=1e9, logits_chunk_tokens=8,
                             teacher_forcing_coef=0.5 if extras else 0.0)
-    stats = grpo.update_policy(wrapped, optimizer, episodes, advantages, cfg, weighter, extra_parameters=head,
+    stats = update.update_policy(wrapped, optimizer, episodes, advantages, cfg, weighter, extra_parameters=head,
                                teacher_episodes=episodes[:3] if extras else (), dist=d)
     out = {k: distributed.full_tensor(v).detach().clone() for k, v in model.state_dict().items()}
     out.update({f"_head.{i}": p.detach().clone() for i, p in enumerate(head)})

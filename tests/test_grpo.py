@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import grpo
+import rollout
+import update
 from data_types import Episode
 from qwen2_model import ModelConfig, Transformer
 
@@ -207,7 +209,7 @@ def test_token_statistics():
     torch.manual_seed(3)
     logits = torch.randn(2, 3, 11)
     targets = torch.randint(0, 11, (2, 3))
-    lp, ent, gnorm = grpo.token_statistics(logits, targets)
+    lp, ent, gnorm = update.token_statistics(logits, targets)
     p = torch.softmax(logits, -1)
     onehot = torch.nn.functional.one_hot(targets, 11).float()
     torch.testing.assert_close(lp, torch.log(p.gather(-1, targets[..., None]).squeeze(-1)))
@@ -225,7 +227,7 @@ def test_token_statistics():
 def test_generate_greedy_equals_argmax_of_full_forward_at_every_step():
     model = tiny_model()
     prompts = [[3, 4, 5, 6, 7], [8, 9], [1, 2, 3, 10, 11, 12, 13]]
-    outs = grpo.generate(model, prompts, max_new_tokens=8, eos_token_id=[22], temperature=0.0)
+    outs = rollout.generate(model, prompts, max_new_tokens=8, eos_token_id=[22], temperature=0.0)
     for prompt, out in zip(prompts, outs):
         seq = list(prompt)
         for tok in out:
@@ -241,9 +243,9 @@ def test_generate_greedy_equals_argmax_of_full_forward_at_every_step():
 def test_generate_stops_at_the_first_end_token():
     model = tiny_model()
     prompts = [[3, 4, 5], [8, 9, 1, 2]]
-    free = grpo.generate(model, prompts, max_new_tokens=6, eos_token_id=[99], temperature=0.0)
+    free = rollout.generate(model, prompts, max_new_tokens=6, eos_token_id=[99], temperature=0.0)
     stop_at = free[0][2]
-    outs = grpo.generate(model, prompts, max_new_tokens=6, eos_token_id=[stop_at], temperature=0.0)
+    outs = rollout.generate(model, prompts, max_new_tokens=6, eos_token_id=[stop_at], temperature=0.0)
     first = free[0].index(stop_at)
     assert outs[0] == free[0][: first + 1]
     if stop_at in free[1]:
@@ -256,12 +258,12 @@ def test_cached_sampling_log_probs_equal_a_full_recompute():
     """Catches off-by-one prompt positions: the rollout's log-probs must be the training forward's."""
     model = tiny_model()
     prompts = [[3, 4, 5, 6, 7], [8, 9], [1, 2, 3, 10, 11, 12, 13], [5]]
-    out = grpo.sample(model, prompts, max_new_tokens=10, eos_token_id=[22], temperature=1.0, seed=3)
+    out = rollout.sample(model, prompts, max_new_tokens=10, eos_token_id=[22], temperature=1.0, seed=3)
     episodes = [Episode(prompt="", prompt_token_ids=p, generated_token_ids=g, text="", reward=0.0,
                         reward_info={}, finished=False, group_idx=0) for p, g in zip(prompts, out.tokens)]
     with torch.no_grad():
-        fwd = grpo.forward_completions(model, episodes, pad_token_id=0)
-        lp, ent, _ = grpo.token_statistics(fwd.logits, fwd.targets)
+        fwd = update.forward_completions(model, episodes, pad_token_id=0)
+        lp, ent, _ = update.token_statistics(fwd.logits, fwd.targets)
         targets, mask = fwd.targets, fwd.mask
     for i, g in enumerate(out.tokens):
         n = len(g)
@@ -273,9 +275,9 @@ def test_cached_sampling_log_probs_equal_a_full_recompute():
 
 def test_sampling_is_reproducible_with_a_seed():
     model = tiny_model()
-    a = grpo.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=5)
-    b = grpo.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=5)
-    c = grpo.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=6)
+    a = rollout.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=5)
+    b = rollout.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=5)
+    c = rollout.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=6)
     assert a == b and a != c
 
 
@@ -298,8 +300,8 @@ def test_section_start_finds_the_first_token_of_the_answer_tag():
     tok = CharTok()
     text = "1+2=3</think>\n<answer>1+2</answer>"
     ids = tok.encode(text)
-    assert grpo.section_start(tok, ids, text) == text.index("<answer>")
-    assert grpo.section_start(tok, ids, "no tag here") is None
+    assert rollout.section_start(tok, ids, text) == text.index("<answer>")
+    assert rollout.section_start(tok, ids, "no tag here") is None
 
 
 def test_rollout_groups_rewards_and_episode_fields():
@@ -312,7 +314,7 @@ def test_rollout_groups_rewards_and_episode_fields():
         seen.append((problem, text))
         return {"reward": float(len(text) % 3), "reward_info": {"answer_reward": 0.0, "format_reward": 0.0}}
 
-    eps = grpo.rollout(model, tok, problems, ["12", "345"], reward_fn, num_answers_per_question=3,
+    eps = rollout.rollout(model, tok, problems, ["12", "345"], reward_fn, num_answers_per_question=3,
                        max_new_tokens=6, generator=torch.Generator().manual_seed(0))
     assert len(eps) == 6
     assert [e.group_idx for e in eps] == [0, 0, 0, 1, 1, 1]
@@ -337,8 +339,8 @@ def _episode(prompt, completion, log_probs=None):
 
 def _seq_log_prob(model, ep):
     with torch.no_grad():
-        fwd = grpo.forward_completions(model, [ep], 0)
-        lp, _, _ = grpo.token_statistics(fwd.logits, fwd.targets)
+        fwd = update.forward_completions(model, [ep], 0)
+        lp, _, _ = update.token_statistics(fwd.logits, fwd.targets)
     return float((lp * fwd.mask).sum())
 
 
@@ -348,8 +350,8 @@ def test_one_step_moves_log_probs_in_the_direction_of_the_advantage(mode):
     good, bad = _episode([1, 2, 3], [4, 5, 6, 7]), _episode([1, 2, 3], [8, 9, 10])
     before = _seq_log_prob(model, good), _seq_log_prob(model, bad)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = grpo.update_policy(model, opt, [good, bad], torch.tensor([1.0, -1.0]),
-                               grpo.UpdateConfig(micro_batch_size=1, loss_agg_mode=mode, max_len=8))
+    stats = update.update_policy(model, opt, [good, bad], torch.tensor([1.0, -1.0]),
+                               update.UpdateConfig(micro_batch_size=1, loss_agg_mode=mode, max_len=8))
     after = _seq_log_prob(model, good), _seq_log_prob(model, bad)
     assert not stats.skipped
     assert after[0] > before[0] and after[1] < before[1]
@@ -367,10 +369,10 @@ def test_per_token_arrays_come_back_in_episode_order(micro_batch):
     expected = []
     with torch.no_grad():
         for e in eps:
-            fwd = grpo.forward_completions(model, [e], 0)
-            expected.append(grpo.token_statistics(fwd.logits, fwd.targets)[0][0].tolist())
-    stats = grpo.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.1), eps, torch.tensor([1.0, -1.0, 0.5, 2.0]),
-                               grpo.UpdateConfig(micro_batch_size=micro_batch))
+            fwd = update.forward_completions(model, [e], 0)
+            expected.append(update.token_statistics(fwd.logits, fwd.targets)[0][0].tolist())
+    stats = update.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.1), eps, torch.tensor([1.0, -1.0, 0.5, 2.0]),
+                               update.UpdateConfig(micro_batch_size=micro_batch))
     for got, want in zip(stats.token_log_probs, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert [len(r) for r in stats.token_entropies] == [6, 4, 3, 1]
@@ -386,7 +388,7 @@ def test_forward_completions_over_shared_prompts_equals_the_padded_forward(chunk
     outs, grads = [], []
     for share in (False, True):
         model.zero_grad()
-        fwd = grpo.forward_completions(model, eps, 0, need_hidden=True, chunk_tokens=chunk_tokens, share_prompts=share)
+        fwd = update.forward_completions(model, eps, 0, need_hidden=True, chunk_tokens=chunk_tokens, share_prompts=share)
         ((fwd.log_probs + 0.3 * fwd.entropy) * fwd.mask).sum().backward()
         outs.append(fwd)
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -403,9 +405,9 @@ def test_forward_completions_over_shared_prompts_equals_the_padded_forward(chunk
 
 def test_padded_tokens_counts_each_shared_prompt_once():
     eps = [_episode([1, 2, 3], [4, 5]), _episode([1, 2, 3], [6, 7, 8, 9]), _episode([5, 6], [1])]
-    assert grpo.padded_tokens(eps, share_prompts=False) == 3 * 7
-    assert grpo.padded_tokens(eps, share_prompts=True) == 2 * 3 + 3 * 4
-    assert grpo.padded_tokens(eps[1:], share_prompts=True) == 2 * 7  # no prompt repeats: the plain forward
+    assert update.padded_tokens(eps, share_prompts=False) == 3 * 7
+    assert update.padded_tokens(eps, share_prompts=True) == 2 * 3 + 3 * 4
+    assert update.padded_tokens(eps[1:], share_prompts=True) == 2 * 7  # no prompt repeats: the plain forward
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 8])
@@ -413,15 +415,15 @@ def test_pack_episodes_partitions_the_batch_and_keeps_groups_when_that_runs_fewe
     # two groups of 4 with one long prompt each; lengths interleave, so packing by length mixes the groups
     eps = [_episode([q] * 20, [1] * (2 + q + 3 * j)) for j in range(4) for q in (1, 2)]
     for share in (False, True):
-        packed = grpo.pack_episodes(eps, size, None, share)
+        packed = update.pack_episodes(eps, size, None, share)
         assert sorted(i for mb in packed for i in mb) == list(range(len(eps)))
         assert all(len(mb) <= size for mb in packed)
-    by_length = grpo.pack_episodes(eps, size, None, False)
-    cost = {share: sum(grpo.padded_tokens([eps[i] for i in mb], True) for mb in grpo.pack_episodes(eps, size, None, share))
+    by_length = update.pack_episodes(eps, size, None, False)
+    cost = {share: sum(update.padded_tokens([eps[i] for i in mb], True) for mb in update.pack_episodes(eps, size, None, share))
             for share in (False, True)}
-    assert cost[True] <= sum(grpo.padded_tokens([eps[i] for i in mb], True) for mb in by_length)
+    assert cost[True] <= sum(update.padded_tokens([eps[i] for i in mb], True) for mb in by_length)
     if size in (2, 4):  # micro-batches of one group each run its prompt once
-        assert all(len({eps[i].prompt_token_ids[0] for i in mb}) == 1 for mb in grpo.pack_episodes(eps, size, None, True))
+        assert all(len({eps[i].prompt_token_ids[0] for i in mb}) == 1 for mb in update.pack_episodes(eps, size, None, True))
         assert cost[True] < cost[False]
 
 
@@ -436,9 +438,9 @@ def test_work_units_skip_the_backward_at_the_same_positions_on_every_rank(world,
 
     eps = [_episode([q] * 5, [1] * (2 + j)) for q in range(3) for j in range(4)]
     teachers = eps[:3] if with_teachers else []
-    cfg = grpo.UpdateConfig(micro_batch_size=2, teacher_forcing_coef=0.5)
+    cfg = update.UpdateConfig(micro_batch_size=2, teacher_forcing_coef=0.5)
     frozen = [i in flat for i in range(len(eps))]
-    per_rank = [grpo._work_units(eps, teachers, cfg, Dist(r, world), True, frozen) for r in range(world)]
+    per_rank = [update._work_units(eps, teachers, cfg, Dist(r, world), True, frozen) for r in range(world)]
     assert len({len(units) for units in per_rank}) == 1
     flags = [[backward for _, backward in units] for units in per_rank]
     assert all(f == flags[0] for f in flags) and flags[0][-1]
@@ -467,7 +469,7 @@ def test_micro_batching_gives_the_full_batch_gradient():
             captured["g"] = torch.cat([p.grad.flatten() for p in model.parameters()])
 
         opt.step = keep  # capture the accumulated gradient instead of stepping
-        grpo.update_policy(model, opt, eps, adv, grpo.UpdateConfig(micro_batch_size=mb, max_grad_norm=1e9,
+        update.update_policy(model, opt, eps, adv, update.UpdateConfig(micro_batch_size=mb, max_grad_norm=1e9,
                                                                     loss_agg_mode="seq-mean-token-mean"))
         grads.append(captured["g"])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
@@ -477,8 +479,8 @@ def test_non_finite_loss_skips_the_update():
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = grpo.update_policy(model, opt, [_episode([1, 2], [3, 4])], torch.tensor([float("nan")]),
-                               grpo.UpdateConfig())
+    stats = update.update_policy(model, opt, [_episode([1, 2], [3, 4])], torch.tensor([float("nan")]),
+                               update.UpdateConfig())
     assert stats.skipped
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
@@ -489,9 +491,9 @@ def test_ppo_iterations_and_kl_to_a_reference():
     ep = _episode([1, 2, 3], [4, 5, 6])
     ep.log_probs = [-8.0, -8.0, -8.0]  # a sampler far less sure (current ~ -3): ratio ~ e^5 > 1 + eps, clipped
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cfg = grpo.UpdateConfig(num_iterations=2, policy_loss="ppo", old_log_probs="rollout", epsilon_low=0.2,
+    cfg = update.UpdateConfig(num_iterations=2, policy_loss="ppo", old_log_probs="rollout", epsilon_low=0.2,
                             epsilon_high=0.2, beta=0.1)
-    stats = grpo.update_policy(model, opt, [ep], torch.tensor([1.0]), cfg, ref_model=ref)
+    stats = update.update_policy(model, opt, [ep], torch.tensor([1.0]), cfg, ref_model=ref)
     assert stats.metrics["clip_frac"] == 1.0
     assert stats.metrics["rollout_logprob_gap"] > 3.0
     assert 0.0 <= stats.metrics["clip_frac/later_iterations"] <= 1.0
@@ -504,7 +506,7 @@ def test_teacher_forcing_pulls_toward_the_reference_completion():
     before = _seq_log_prob(model, teacher)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     # zero advantages: the policy-gradient term is 0, so only the supervised term can move the weights
-    stats = grpo.update_policy(model, opt, [_episode([1, 2, 3], [4, 5])], torch.tensor([0.0]),
-                               grpo.UpdateConfig(teacher_forcing_coef=1.0), teacher_episodes=[teacher])
+    stats = update.update_policy(model, opt, [_episode([1, 2, 3], [4, 5])], torch.tensor([0.0]),
+                               update.UpdateConfig(teacher_forcing_coef=1.0), teacher_episodes=[teacher])
     assert _seq_log_prob(model, teacher) > before
     assert stats.metrics["teacher_nll"] == pytest.approx(-before / 4, rel=1e-4)

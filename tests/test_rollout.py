@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import grpo
 from data_types import Episode
 from qwen2_model import ModelConfig, Transformer, can_pack
 import qwen2_model
 import rollout
+import update
 from rollout import RolloutEngine, keyed_uniform, row_keys, sample_keyed, sample_next, stream_key
 
 VOCAB = 23
@@ -157,8 +157,8 @@ def test_cached_log_probs_equal_a_full_recompute_after_sharing_and_compaction(pa
     episodes = [Episode(prompt="", prompt_token_ids=p, generated_token_ids=g, text="", reward=0.0, reward_info={},
                         finished=f, group_idx=0) for p, g, f in zip(prompts, out.tokens, out.finished)]
     with torch.no_grad():
-        fwd = grpo.forward_completions(m, episodes, pad_token_id=0)
-        lp, ent, _ = grpo.token_statistics(fwd.logits, fwd.targets)
+        fwd = update.forward_completions(m, episodes, pad_token_id=0)
+        lp, ent, _ = update.token_statistics(fwd.logits, fwd.targets)
     for i, g in enumerate(out.tokens):
         assert fwd.targets[i, : len(g)].tolist() == g
         np.testing.assert_allclose(out.log_probs[i], lp[i, : len(g)].cpu().numpy(), atol=1e-5)
@@ -184,7 +184,7 @@ def test_greedy_with_shared_prefixes_is_the_argmax_of_the_full_forward(pack, dev
 def test_copies_of_one_prompt_draw_independent_samples():
     m = model()
     n = 4000
-    out = grpo.sample(m, [[1, 2, 3]] * n, max_new_tokens=1, eos_token_id=[99], seed=5)
+    out = rollout.sample(m, [[1, 2, 3]] * n, max_new_tokens=1, eos_token_id=[99], seed=5)
     first = torch.tensor([t[0] for t in out.tokens])
     with torch.no_grad():
         p = torch.softmax(m(torch.tensor([[1, 2, 3]]))[0, -1].double(), -1)
@@ -205,9 +205,9 @@ def test_rollout_episodes_do_not_depend_on_the_batch_size():
         return {"reward": float(len(text)), "reward_info": {}}
 
     kw = dict(num_answers_per_question=4, max_new_tokens=8, stream=3, question_ids=[10, 11, 12])
-    a = grpo.rollout(m_, tok, ["a", "b", "c"], ["12", "345", "6"], reward, **kw)
-    b = grpo.rollout(m_, tok, ["a", "b", "c"], ["12", "345", "6"], reward, batch_size=4, **kw)
-    c = grpo.rollout(m_, tok, ["b"], ["345"], reward, num_answers_per_question=4, max_new_tokens=8, stream=3,
+    a = rollout.rollout(m_, tok, ["a", "b", "c"], ["12", "345", "6"], reward, **kw)
+    b = rollout.rollout(m_, tok, ["a", "b", "c"], ["12", "345", "6"], reward, batch_size=4, **kw)
+    c = rollout.rollout(m_, tok, ["b"], ["345"], reward, num_answers_per_question=4, max_new_tokens=8, stream=3,
                      question_ids=[11])
     assert [e.generated_token_ids for e in a] == [e.generated_token_ids for e in b]
     assert [e.generated_token_ids for e in a[4:8]] == [e.generated_token_ids for e in c]

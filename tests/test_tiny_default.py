@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import countdown_task as task
-import grpo
+import rollout
 import train
 import trainer
+import update
 from tasks import build_task
 from config import load_config
 from data_types import Episode
@@ -50,18 +51,18 @@ def test_tiny_default_warmup_then_grpo(tmp_path):
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
 
     # greedy completions are well-formed: the warm-up taught the format
-    outs = grpo.generate(ours, [tokenizer.encode(p) for p in prompts], 72, tokenizer.end_token_ids, temperature=0)
+    outs = rollout.generate(ours, [tokenizer.encode(p) for p in prompts], 72, tokenizer.end_token_ids, temperature=0)
     texts = [tokenizer.decode(o[:-1] if o and o[-1] in tokenizer.end_token_ids else o) for o in outs]
     formats = [task.format_reward_function("<think>" + t) for t in texts]
     assert np.mean([f == 1.0 for f in formats]) >= 0.8, texts
 
     # log-probs seen while sampling (KV cache, left padding) equal a full recompute on prompt + completion
-    sampled = grpo.sample(ours, [tokenizer.encode(p) for p in prompts], 72, tokenizer.end_token_ids, seed=0)
+    sampled = rollout.sample(ours, [tokenizer.encode(p) for p in prompts], 72, tokenizer.end_token_ids, seed=0)
     episodes = [Episode(prompt=p, prompt_token_ids=tokenizer.encode(p), generated_token_ids=g, text="", reward=0.0,
                         reward_info={}, finished=True, group_idx=0) for p, g in zip(prompts, sampled.tokens)]
     with torch.no_grad():
-        fwd = grpo.forward_completions(ours, episodes, tokenizer.pad_token_id)
-        lp, _, _ = grpo.token_statistics(fwd.logits, fwd.targets)
+        fwd = update.forward_completions(ours, episodes, tokenizer.pad_token_id)
+        lp, _, _ = update.token_statistics(fwd.logits, fwd.targets)
     for i, g in enumerate(sampled.tokens):
         np.testing.assert_allclose(sampled.log_probs[i], lp[i, : len(g)].numpy(), atol=1e-4)
 

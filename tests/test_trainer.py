@@ -20,8 +20,10 @@ import yaml
 
 import checkpoint as ckpt
 import grpo
+import rollout
 import train
 import trainer
+import update
 from config import config_from_dict
 from conftest import run_config
 from qwen2_model import Transformer
@@ -198,14 +200,14 @@ def test_deterministic_mode_gives_identical_metrics(tiny_assets, tmp_path):
 
 
 def test_a_released_rollout_cache_is_gone_during_the_update_and_changes_no_result(tiny_assets, tmp_path, monkeypatch):
-    update = grpo.update_policy
+    real_update = update.update_policy
     caches_in_update = []
 
     def spy(model, *args, **kwargs):
         caches_in_update.append([layer.self_attn.kv_cache for layer in model.model.layers])
-        return update(model, *args, **kwargs)
+        return real_update(model, *args, **kwargs)
 
-    monkeypatch.setattr(grpo, "update_policy", spy)
+    monkeypatch.setattr(update, "update_policy", spy)
     runs = []
     for release in (False, True):
         out = tmp_path / str(release)
@@ -220,14 +222,14 @@ def test_a_released_rollout_cache_is_gone_during_the_update_and_changes_no_resul
 
 
 def test_a_capped_rollout_batch_samples_the_same_completions_in_a_smaller_cache(tiny_assets, tmp_path, monkeypatch):
-    update = grpo.update_policy
+    real_update = update.update_policy
     completions = []
 
     def spy(model, optimizer, episodes, *args, **kwargs):
         completions.append([e.generated_token_ids for e in episodes])
-        return update(model, optimizer, episodes, *args, **kwargs)
+        return real_update(model, optimizer, episodes, *args, **kwargs)
 
-    monkeypatch.setattr(grpo, "update_policy", spy)
+    monkeypatch.setattr(update, "update_policy", spy)
     runs, rows = [], []
     for cap in (None, 4):  # all 12 completions in one call, or one group of 4 per call
         out = tmp_path / str(cap)
@@ -349,7 +351,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_says_it_sto
                                       algorithm={"dynamic_sampling": True, "max_sampling_rounds": rounds_allowed}))
     train_set = list(range(40))
     informative = {q for q in train_set if q % 4 == 0}  # one informative question in four
-    monkeypatch.setattr(grpo, "rollout", _fake_rollout(informative))
+    monkeypatch.setattr(rollout, "rollout", _fake_rollout(informative))
     episodes, metrics = trainer.collect_groups(_fake_run(cfg, train_set), 1)
     g = cfg.training.num_answers_per_question
     rewards = trainer.group_rewards(episodes, g)
@@ -367,7 +369,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups_or_says_it_sto
 
 def test_without_dynamic_sampling_zero_variance_groups_are_counted_and_kept(tiny_assets, tmp_path, monkeypatch):
     cfg = config_from_dict(run_config(tiny_assets, tmp_path, training={"num_questions_per_batch": 4}))
-    monkeypatch.setattr(grpo, "rollout", _fake_rollout({0}))
+    monkeypatch.setattr(rollout, "rollout", _fake_rollout({0}))
     episodes, metrics = trainer.collect_groups(_fake_run(cfg, list(range(8))), 1)
     assert len(episodes) == 4 * cfg.training.num_answers_per_question
     assert metrics["groups/zero_variance_frac"] == (3 / 4 if 0 in {e.problem for e in episodes} else 1.0)

@@ -19,6 +19,7 @@ import torch
 
 import grpo
 import grpo_mitigations as gm
+import update
 from data_types import Episode
 from qwen2_model import ModelConfig, Transformer
 
@@ -230,14 +231,14 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
     extra = weighter.parameters() if weighter is not None else []
     all_params = list(model.parameters()) + list(extra)
     before = [p.detach().clone() for p in all_params]
-    cfg = grpo.UpdateConfig(micro_batch_size=micro, max_tokens_per_micro_batch=max_tokens, loss_agg_mode=mode,
+    cfg = update.UpdateConfig(micro_batch_size=micro, max_tokens_per_micro_batch=max_tokens, loss_agg_mode=mode,
                             max_len=MAX_LEN, max_grad_norm=1e9, share_prompts=share_prompts,
                             policy_loss=loss_name, old_log_probs=old_mode, clip_ratio_c=CLIP_C,
                             beta=terms.get("beta", 0.0), kl_estimator=terms.get("kl", "k3"),
                             entropy_coef=terms.get("entropy_coef", 0.0),
                             **({} if loss_name == "gspo" else {"epsilon_low": EPS_LOW, "epsilon_high": EPS_HIGH}))
     opt = torch.optim.SGD(all_params, lr=1.0)
-    stats = grpo.update_policy(model, opt, episodes, torch.tensor(advantages), cfg, weighter,
+    stats = update.update_policy(model, opt, episodes, torch.tensor(advantages), cfg, weighter,
                                ref_model if terms.get("beta") else None, extra)
     assert not stats.skipped
     for p, b, e in zip(all_params, before, expected):
@@ -251,8 +252,8 @@ def test_shared_prompt_forward_runs_and_gives_the_formula_gradient(share, monkey
     """Episodes 1 and 3 share a prompt: with share_prompts the update (and the KL's reference forward) runs it
     once, and the parameter change is still minus the gradient of the per-sequence formula."""
     calls = []
-    real = grpo._forward_continuations
-    monkeypatch.setattr(grpo, "_forward_continuations", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = update._forward_continuations
+    monkeypatch.setattr(update, "_forward_continuations", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     check_update("ppo", "token-mean", 4, share_prompts=share, beta=0.1, kl="k3")
     assert len(calls) == (2 if share else 0)  # the policy's forward and the reference model's
 
@@ -299,9 +300,9 @@ def test_second_ppo_iteration_clips_and_the_first_does_not_with_recompute():
     model = make_model(0)
     episodes = make_episodes(model)
     opt = torch.optim.SGD(model.parameters(), lr=2.0)  # a big step so the second pass sees a moved policy
-    cfg = grpo.UpdateConfig(micro_batch_size=2, policy_loss="ppo", old_log_probs="recompute", num_iterations=2,
+    cfg = update.UpdateConfig(micro_batch_size=2, policy_loss="ppo", old_log_probs="recompute", num_iterations=2,
                             epsilon_low=0.05, epsilon_high=0.05, max_grad_norm=1e9)
-    stats = grpo.update_policy(model, opt, episodes, torch.tensor(ADVANTAGES), cfg)
+    stats = update.update_policy(model, opt, episodes, torch.tensor(ADVANTAGES), cfg)
     assert stats.metrics["clip_frac"] == 0.0
     assert stats.metrics["clip_frac/later_iterations"] > 0.0
 
@@ -326,7 +327,7 @@ def test_detach_hidden_decides_whether_the_head_loss_reaches_the_model():
         opt.step = lambda: grads.update(model=sum(float(p.grad.abs().sum()) for p in model.parameters()),
                                         head=float(weighter.head.proj.weight.grad.abs().sum()))
         # zero advantages: the policy term is 0, so any model gradient comes from the head's regression loss
-        grpo.update_policy(model, opt, episodes, torch.zeros(4), grpo.UpdateConfig(max_grad_norm=1e9), weighter,
+        update.update_policy(model, opt, episodes, torch.zeros(4), update.UpdateConfig(max_grad_norm=1e9), weighter,
                            extra_parameters=weighter.parameters())
         assert grads["head"] > 0
         return grads["model"]
@@ -339,12 +340,12 @@ def test_chunked_token_statistics_equal_the_full_ones_gradients_included():
     hidden = torch.randn(3, 11, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (3, 11))
-    full = grpo.token_statistics(hidden @ weight.t(), targets)
-    chunked = grpo.chunked_token_statistics(hidden, weight, targets, chunk_tokens=6)  # chunks of 2 positions
+    full = update.token_statistics(hidden @ weight.t(), targets)
+    chunked = update.chunked_token_statistics(hidden, weight, targets, chunk_tokens=6)  # chunks of 2 positions
     for a, b in zip(full, chunked):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     (g_full_h, g_full_w) = torch.autograd.grad((full[0] * torch.arange(11.0)).sum(), (hidden, weight))
-    lp, ent, _ = grpo.chunked_token_statistics(hidden, weight, targets, chunk_tokens=6)
+    lp, ent, _ = update.chunked_token_statistics(hidden, weight, targets, chunk_tokens=6)
     (g_h, g_w) = torch.autograd.grad((lp * torch.arange(11.0)).sum(), (hidden, weight), retain_graph=True)
     torch.testing.assert_close(g_h, g_full_h, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_w, g_full_w, rtol=1e-5, atol=1e-6)
@@ -358,21 +359,21 @@ def test_chunked_token_statistics_equal_the_full_ones_gradients_included():
 @pytest.mark.parametrize("loss_name", ["pg", "ppo", "gspo"])
 def test_update_with_many_logit_chunks_equals_the_formula(loss_name, monkeypatch):
     """Chunks of 3 tokens (several per micro-batch): the parameter change is still minus the reference gradient."""
-    real = grpo.UpdateConfig.__init__
+    real = update.UpdateConfig.__init__
 
     def small_chunks(self, *args, **kwargs):
         real(self, *args, **{**kwargs, "logits_chunk_tokens": 3})
-    monkeypatch.setattr(grpo.UpdateConfig, "__init__", small_chunks)
+    monkeypatch.setattr(update.UpdateConfig, "__init__", small_chunks)
     check_update(loss_name, "seq-mean-token-sum", 2, weighter_name="entropy_weighted", entropy_coef=0.05)
 
 
 def test_micro_batches_packed_by_a_token_budget():
     model = make_model(0)
     episodes = make_episodes(model)  # prompt + completion lengths 9, 5, 9, 8
-    assert [list(r) for r in grpo.micro_batches(episodes, 8)] == [[0, 1, 2, 3]]
-    assert [list(r) for r in grpo.micro_batches(episodes, 8, max_tokens=18)] == [[0, 1], [2, 3]]
-    assert [list(r) for r in grpo.micro_batches(episodes, 8, max_tokens=4)] == [[0], [1], [2], [3]]  # alone if too long
-    assert [list(r) for r in grpo.micro_batches(episodes, 3, max_tokens=100)] == [[0, 1, 2], [3]]
+    assert [list(r) for r in update.micro_batches(episodes, 8)] == [[0, 1, 2, 3]]
+    assert [list(r) for r in update.micro_batches(episodes, 8, max_tokens=18)] == [[0, 1], [2, 3]]
+    assert [list(r) for r in update.micro_batches(episodes, 8, max_tokens=4)] == [[0], [1], [2], [3]]  # alone if too long
+    assert [list(r) for r in update.micro_batches(episodes, 3, max_tokens=100)] == [[0, 1, 2], [3]]
 
 
 @pytest.mark.parametrize("max_tokens", [10, 18])
@@ -389,8 +390,8 @@ FLAT = [1.3, 0.0, 0.5, 0.0]  # episodes 1 and 3 (one shared prompt) carry no adv
 def record_grad_mode(monkeypatch) -> list[bool]:
     """Whether autograd was on in each policy micro-batch's forward, in the order they ran."""
     modes: list[bool] = []
-    real = grpo._micro_batch_loss
-    monkeypatch.setattr(grpo, "_micro_batch_loss",
+    real = update._micro_batch_loss
+    monkeypatch.setattr(update, "_micro_batch_loss",
                         lambda *a, **kw: modes.append(torch.is_grad_enabled()) or real(*a, **kw))
     return modes
 
@@ -403,7 +404,7 @@ def test_every_policy_loss_has_exactly_zero_gradient_at_zero_advantage(loss_name
     lp = (-3 * torch.rand(3, 5, generator=gen)).requires_grad_()
     old = lp.detach() + 0.5 * torch.randn(3, 5, generator=gen)
     mask = torch.ones(3, 5, dtype=torch.bool)
-    cfg = grpo.UpdateConfig(policy_loss=loss_name)
+    cfg = update.UpdateConfig(policy_loss=loss_name)
     grads = []
     for adv in (torch.zeros(3, 5), torch.ones(3, 5)):
         token_loss, _ = grpo.POLICY_LOSSES[loss_name].fn(lp, old, adv, mask, cfg)
@@ -438,10 +439,10 @@ def run_update(skip: bool, advantages: list[float], optimizer: str = "sgd", befo
     opt = (torch.optim.SGD(model.parameters(), lr=1.0) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
     weighter = gm.build_weighter("inverse_logprob", epsilon=0.1)
-    cfg = grpo.UpdateConfig(micro_batch_size=2, policy_loss="ppo", skip_zero_gradient=skip, max_grad_norm=1e9)
+    cfg = update.UpdateConfig(micro_batch_size=2, policy_loss="ppo", skip_zero_gradient=skip, max_grad_norm=1e9)
     if before is not None:  # an earlier update, so AdamW has momentum
-        grpo.update_policy(model, opt, episodes, torch.tensor(before), cfg, weighter)
-    stats = grpo.update_policy(model, opt, episodes, torch.tensor(advantages), cfg, weighter)
+        update.update_policy(model, opt, episodes, torch.tensor(before), cfg, weighter)
+    stats = update.update_policy(model, opt, episodes, torch.tensor(advantages), cfg, weighter)
     return stats, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
