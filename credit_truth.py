@@ -423,7 +423,9 @@ def summary_markdown(r: Report) -> str:
            "## Which signal agrees best\n", *r.best, "",
            "## Agreement with the MC advantage\n", overall_markdown(r.table, [TRUTH, *r.signals]), "",
            "`mc_advantage` is the truth scored against itself: the ceiling of each metric (its top-quartile mass is "
-           "how concentrated the truth is). Definitions: the module docstring of credit_truth.py.\n"]
+           "how concentrated the truth is). Every weight is >= 0, so every signal carries the sign of A: sign "
+           "agreement is GRPO's, except on tokens a signal zeroes (entropy_masking). Definitions: the module "
+           "docstring of credit_truth.py.\n"]
     for kind in kinds:
         out += [f"## Where the credit goes, by {kind}: share of each signal's mass\n",
                 breakdown_markdown(r.table, kind, "mass_share", [TRUTH, *r.signals]), "",
