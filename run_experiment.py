@@ -560,6 +560,7 @@ class Progress:
     def __init__(self, total: int, steps: int, every: float = 30.0):
         self.total, self.steps, self.every = total, steps, every
         self.seen: dict[str, tuple[str, float]] = {}
+        self.first: dict[str, tuple[int, float]] = {}  # a job's first step seen and when: the rate of a resumed run
 
     def __call__(self, jobs: Sequence[Job]) -> None:
         now = time.time()
@@ -573,8 +574,9 @@ class Progress:
             where = f"gpu {job.slot}" if job.slot[0].isdigit() else job.slot
             step = job.last_step = last_step(job.log)
             eta = ""
-            if job.status == "running" and step > 0:
-                eta = f", eta {fmt_seconds((now - job.started) / step * (self.steps - step))}"
+            first_step, first_time = self.first.setdefault(job.name, (step, now))
+            if job.status == "running" and step > first_step:
+                eta = f", eta {fmt_seconds((now - first_time) / (step - first_step) * (self.steps - step))}"
             print(f"[{i}/{self.total}] {job.name} on {where}: {job.status}, step {step}/{self.steps}{eta}", flush=True)
 
 
@@ -865,8 +867,8 @@ def _judge(c: dict[str, Any], baseline: str, family: int) -> str:
     span = f"{d:+.3f} [{d - h:+.3f}, {d + h:+.3f}], t-test p = {p:.3f}{holm_text}; {exact}"
     direction = "better" if d > 0 else "worse"
     if p >= 0.05:
-        return (f"no significant difference from {baseline} at {n} pairs ({span}); a difference of "
-                f"±{c['mdd80']:.3f} would have been detected with 80% power")
+        return (f"no significant difference from {baseline} at {n} pairs ({span}); a true difference of "
+                f"±{c['mdd80']:.3f} or more would be detected with 80% power")
     if ph is not None and ph >= 0.05:
         return (f"no significant difference from {baseline} after Holm's correction over {family} comparisons "
                 f"at {n} pairs (t-test p < 0.05 before it; {span})")

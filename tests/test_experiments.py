@@ -209,8 +209,8 @@ def row(n=4, d=0.05, h=0.03, p=0.01, ph=None, ps=0.125, pw=0.125, mdd=0.04, **au
 def test_a_verdict_is_never_stronger_than_its_tests():
     v = rx.verdict(row(n=4, p=0.21, h=0.08), "baseline")
     assert v.startswith("final: no significant difference from baseline at 4 pairs (+0.050 [-0.030, +0.130], "
-                        "t-test p = 0.210; exact p: sign 0.125, Wilcoxon 0.125); a difference of ±0.040 would have "
-                        "been detected with 80% power")
+                        "t-test p = 0.210; exact p: sign 0.125, Wilcoxon 0.125); a true difference of ±0.040 or more "
+                        "would be detected with 80% power")
     # the softmax AUC case: t-test p = 0.012 at 4 seeds, exact tests 0.125: suggestive, not established
     v = rx.verdict(row(n=4, d=-0.037, h=0.022, p=0.012), "baseline")
     assert v.startswith("final: worse than baseline by the t-test only") and "cannot go below p = 0.125" in v
@@ -528,7 +528,6 @@ except rx.Interrupted as e:
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_stops_the_running_jobs_and_their_children(tmp_path, sig):
-    import os
     import signal
     import time
 
@@ -544,7 +543,6 @@ def test_a_signal_stops_the_running_jobs_and_their_children(tmp_path, sig):
     out, _ = driver.communicate(timeout=60)
     assert driver.returncode == 143 and f"interrupted {getattr(signal, sig).value} ['interrupted', 'interrupted']" in out
     assert not any(alive(p) for p in started)
-    os.waitpid(-1, os.WNOHANG) if False else None
 
 
 # ------------------------------------------------------------------ end to end
