@@ -4,19 +4,23 @@ K arms, exactly one pays 1, the rest 0 (chance 1/K). A "question" is a context t
 own paying arm (with the default single context it is the classic multi-armed bandit). The completion is a
 single token, an arm. The policy is a small Qwen2 with random weights over a vocabulary of just the arms,
 the contexts and an end token, so it starts near uniform and GRPO has to find the arm. It trains on CPU in
-seconds, through exactly the code paths of a real checkpoint.
+seconds, through exactly the code paths of a real checkpoint. `BanditTask` (``data.task=bandit``) declares its
+keys `data.num_arms` and `data.num_contexts`; the paying arms are drawn from `data.generate_seed`.
 """
 
 from __future__ import annotations
 
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from config import Param
 from qwen2_model import ModelConfig, Transformer
+from tasks import TASKS, Task
 from tokenizer import build_char_tokenizer, save_char_tokenizer
 
 ARM_SYMBOLS = string.ascii_letters  # arm k is the k-th letter: up to 52 arms
@@ -77,3 +81,34 @@ def build_bandit_model(out_dir: str | Path, num_arms: int, num_contexts: int, hi
                       rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="float32")
     Transformer.from_config(cfg, dtype=torch.float32).save_pretrained(out_dir)
     return out_dir
+
+
+@TASKS.register("bandit", params={
+    "num_arms": Param(16, "bandit: K arms, one pays", f"in [2, {len(ARM_SYMBOLS)}]",
+                      lambda v: 2 <= v <= len(ARM_SYMBOLS), int),
+    "num_contexts": Param(1, "bandit: contexts, each with its own paying arm", f"in [1, {len(CONTEXT_SYMBOLS)}]",
+                          lambda v: 1 <= v <= len(CONTEXT_SYMBOLS), int),
+})
+class BanditTask(Task):
+    answer_tag = None  # one token, no answer section
+
+    def load(self) -> tuple[list[BanditProblem], list[BanditProblem]]:
+        d = self.config.data
+        n_test = int(d.test_size) if d.test_size >= 1 else max(1, int(d.test_size * 1000))
+        problems = make_problems(d.num_arms, d.num_contexts, 1000 + n_test, d.generate_seed)
+        return problems[:1000], problems[1000:]
+
+    def prompt(self, problem: BanditProblem) -> str:
+        return build_prompt(problem)
+
+    def reward(self, problem: BanditProblem, completion: str) -> dict:
+        return reward_function(problem, completion, self.config.data.num_arms)
+
+    def reference_completion(self, problem: BanditProblem) -> str:
+        return reference_completion(problem)
+
+    def build_model(self, path: Path, train_set: Sequence[BanditProblem]) -> None:
+        d, s = self.config.data, self.config.tiny
+        print(f"[bandit] {path} not found: building a random-weight policy there ({d.num_arms} arms)")
+        build_bandit_model(path, d.num_arms, d.num_contexts, hidden_size=s.hidden_size,
+                           num_layers=s.num_hidden_layers, seed=s.seed)

@@ -6,7 +6,7 @@ Layout of `ckpt_dir/step_000123/`:
     optimizer.pt                            optimizer state (also the CPU-offloaded AdamW's)
     attribution_head.safetensors            the learned attribution head, when used
     trainer_state.json                      step, data order position, credit logger position, ...
-    rng_state.pt                            every RNG state (torch CPU/CUDA, the sampling generator, numpy, random)
+    rng_state.pt                            every RNG state (torch CPU/CUDA, numpy, random)
 
 A checkpoint is built under a temporary name and renamed into place, so a crash mid-write never leaves
 a broken `step_*` directory; only complete ones carry that name.
@@ -53,24 +53,21 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": np.random.get_state(),
         "python": random.getstate(),
-        "sampler": generator.get_state() if generator is not None else None,
     }
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if generator is not None and state["sampler"] is not None:
-        generator.set_state(state["sampler"])
 
 
 def _model_bytes(model: torch.nn.Module) -> int:
@@ -83,7 +80,6 @@ def save_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
-    generator: torch.Generator | None,
     tokenizer_dir: str | Path | None = None,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     keep_last_n: int | None = None,
@@ -108,7 +104,7 @@ def save_checkpoint(
         for name, tensors in (extra_tensors or {}).items():
             if tensors:
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
-        torch.save(rng_state(generator), tmp / "rng_state.pt")
+        torch.save(rng_state(), tmp / "rng_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
 
     atomic_write_dir(target, write, "a checkpoint")
@@ -128,7 +124,7 @@ def read_checkpoint(path: str | Path) -> ResumeState:
 
 
 def load_training_state(
-    path: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator | None,
+    path: Path, optimizer: torch.optim.Optimizer,
     load_optimizer: Callable[[torch.optim.Optimizer, dict[str, Any]], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Restore optimizer and RNG states in place; return the extra tensor files (e.g. the attribution head).
@@ -138,6 +134,6 @@ def load_training_state(
         optimizer.load_state_dict(state)
     else:
         load_optimizer(optimizer, state)
-    set_rng_state(torch.load(path / "rng_state.pt", weights_only=False), generator)
+    set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
     return {p.name[: -len(".safetensors")]: load_file(str(p)) for p in path.glob("*.safetensors")
             if not p.name.startswith("model")}

@@ -1,15 +1,20 @@
 """Run configuration: typed sections, YAML loading, dotted command-line overrides, validation.
 
-Every knob of an experiment is a field here, so `train.py --config X key.path=value` can set it and
-a typo is an error before any model is loaded. The YAML files mirror these sections one to one.
+Every knob of an experiment is a key here, so `train.py --config X key.path=value` can set it and a typo is
+an error before any model is loaded. The YAML files mirror these sections one to one. The sections below
+hold the fixed keys; a registered part (an advantage function, a policy loss, a weighter, a task) declares
+its own keys with `Param`, and the caller hands them to `load_config` (parts.py collects them), so this
+module knows no part and imports nothing of the project.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -19,6 +24,34 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem, reported before anything expensive happens."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A config key that a registered part declares for itself (a weighter's `think_discount`, the bandit's
+    `num_arms`): `section.name` is then set in YAML or on the command line like any fixed key, checked
+    against `check`, and `train_mitigations.py --name` and the docs come from here too."""
+
+    default: Any
+    help: str
+    valid: str = ""  # the rule in words, for error messages
+    check: Callable[[Any], bool] = lambda v: True
+    type: Any = float
+    section: str | None = None  # None: the section of the key that selects the part (registry.Registry)
+
+
+@dataclass(frozen=True)
+class Declarations:
+    """What the registered parts add to the fixed sections: the names each selecting key accepts
+    ("algorithm.adv_estimator" -> grpo, rloo, ...) and the keys the parts declare ("algorithm.tau" -> Param)."""
+
+    choices: Mapping[str, Collection[str]] = field(default_factory=dict)
+    params: Mapping[str, Param] = field(default_factory=dict)
+
+
+def unknown_name(key: str, name: Any, valid: Collection[str]) -> str:
+    """The one message for a name that no registered part has."""
+    return f"{key} {name!r} is unknown; valid: {', '.join(sorted(valid))}"
 
 
 @dataclass
@@ -32,12 +65,12 @@ class ModelSettings:
     # free the rollout's KV cache after each rollout, for the update to use (RolloutEngine(keep_cache=False)); a
     # compiled decode step then runs without CUDA graphs, which need the cache at fixed addresses
     release_rollout_cache: bool = False
-    build_tiny: bool = False  # build the built-in tiny model at `path` when it is missing
+    build_tiny: bool = False  # build the task's built-in model at `path` when it is missing
 
 
 @dataclass
 class TinySettings:
-    """Supervised warm-up of the built-in tiny model (see tiny_model.py)."""
+    """The built-in model's shape and supervised warm-up (tiny_model.py; the bandit's policy uses the shape)."""
 
     hidden_size: int = 128
     num_hidden_layers: int = 4
@@ -54,15 +87,14 @@ class TinySettings:
 
 @dataclass
 class DataSettings:
-    task: str = "countdown"  # a tasks.TASKS name: countdown | bandit | gsm8k
+    """The task and its data; a task's own keys (countdown's generate_*, the bandit's num_arms) are declared
+    by the task (countdown_task.py, bandit_task.py)."""
+
+    task: str = "countdown"  # a registered task: countdown | bandit | gsm8k
     path: str = "countdown_data"  # countdown: the Countdown-Tasks-3to4 layout; gsm8k: .jsonl/.parquet file or dir
     test_size: float = 128  # last rows held out for evaluation (a count, or a fraction < 1)
     prompt_style: Literal["chat", "compact"] = "chat"
-    generate_if_missing: int = 0  # >0: write this many solver-checked problems to `path` if it is missing
-    generate_num_numbers: list[int] = field(default_factory=lambda: [3, 4])
-    generate_seed: int = 0  # also the bandit's paying arms
-    num_arms: int = 16  # bandit: K arms, one pays
-    num_contexts: int = 1  # bandit: contexts, each with its own paying arm
+    generate_seed: int = 0  # seed of generated problems (countdown's, the bandit's paying arms)
 
 
 @dataclass
@@ -105,17 +137,15 @@ class EvalSettings:
     temperature: Optional[float] = None  # None: the training temperature
     batch_size: int = 64
     seed: int = 4242  # the same sampling noise at every evaluation, so curves compare like with like
-    # A transfer set: generated problems with these numbers counts (e.g. [4] for a model trained on
-    # 3-number problems), evaluated beside the held-out split and logged as success_rate/transfer.
-    transfer_num_numbers: list[int] = field(default_factory=list)
-    transfer_problems: int = 128
 
 
 @dataclass
 class AlgorithmSettings:
-    adv_estimator: str = "grpo"  # grpo | dr_grpo | softmax | softmax_centered | rloo
-    adv_eps: float = 1e-4  # the eps in (r - mean) / (std + eps)
-    tau: float = 0.5  # softmax temperature (constant schedule)
+    """The GRPO variant. The registered parts' own keys (grpo's adv_eps, softmax's tau, the clipped losses'
+    epsilon_low / epsilon_high, dual_clip's clip_ratio_c) are declared in grpo.py beside them."""
+
+    adv_estimator: str = "grpo"  # a registered advantage function: grpo | dr_grpo | softmax | softmax_centered | rloo
+    # the softmax temperature `tau` over the run: constant, or linear from tau_start to tau_end
     tau_schedule: Literal["constant", "linear"] = "constant"
     tau_start: float = 0.75
     tau_end: float = 0.25
@@ -131,47 +161,26 @@ class AlgorithmSettings:
     overlong_buffer_len: int = 0  # DAPO overlong shaping: penalize the last this-many tokens before max_new_tokens
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens (linear from 0 over the buffer)
     ground_truth_injection: bool = False  # one task-solver completion replaces one sample in every group
-    loss_agg_mode: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = "token-mean"
-    policy_loss: str = "pg"  # a grpo.POLICY_LOSSES name: pg | ppo | dual_clip | gspo | cispo
+    loss_agg_mode: str = "token-mean"  # grpo.LOSS_AGG_MODES
+    policy_loss: str = "pg"  # a registered policy loss: pg | ppo | dual_clip | gspo | cispo
     old_log_probs: Literal["recompute", "rollout"] = "recompute"
     num_iterations: int = 1
-    epsilon_low: Optional[float] = None  # None: the policy loss's default (0.2 / 0.28; gspo 3e-4 / 4e-4)
-    epsilon_high: Optional[float] = None
-    clip_ratio_c: float = 3.0  # dual_clip: the loss of A < 0 tokens is bounded by -A c
     beta: float = 0.0  # KL to the frozen initial policy; 0 disables it and the reference model
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: str = "k3"  # a registered KL estimator: k1 | k2 | k3
     entropy_coef: float = 0.0
     teacher_forcing_coef: float = 0.0  # > 0: add coef x NLL of a solver trace per question (teacher forcing + RL)
 
 
-# Keys that existed once: a config that still sets one is told what replaced it.
-REMOVED_KEYS = {
-    "algorithm.ppo_clip": "algorithm.policy_loss=ppo (it clips only once the policy moves: algorithm.num_iterations > 1)",
-    "algorithm.drop_zero_std_groups": "algorithm.zero_variance_groups=drop",
-}
+@dataclass
+class MitigationSettings:
+    """The token weighter (grpo_mitigations.py) by name; each weighter declares its own keys here."""
+
+    name: str = "none"
 
 
-def _weighter_section(section: str, with_name: bool) -> type:
-    """A config section made of the parameters the registered weighters declare for it
-    (grpo_mitigations.Param): each parameter is declared once, on its weighter, and the section follows."""
-    from grpo_mitigations import weighter_params
-
-    fields = [("name", str, field(default="none"))] if with_name else []
-    fields += [(k, p.type, field(default=p.default)) for k, (_, p) in weighter_params().items() if p.section == section]
-    return dataclasses.make_dataclass(f"{section.capitalize()}Settings", fields)
-
-
-MitigationSettings = _weighter_section("mitigation", with_name=True)  # mitigation.name + its parameters
-AttributionSettings = _weighter_section("attribution", with_name=False)  # the learned head's own switches
-
-
-def weighter_values(config: Config) -> dict[str, Any]:
-    """Every declared weighter parameter's value, read from its section."""
-    from grpo_mitigations import weighter_params
-
-    return {k: getattr(getattr(config, p.section), k) for k, (_, p) in weighter_params().items()}
+@dataclass
+class AttributionSettings:
+    """The learned attribution head's switches, declared by the `attribution` weighter."""
 
 
 @dataclass
@@ -203,6 +212,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Keys that existed once: a config that still sets one is told what replaced it.
+REMOVED_KEYS = {
+    "algorithm.ppo_clip": "algorithm.policy_loss=ppo (it clips only once the policy moves: algorithm.num_iterations > 1)",
+    "algorithm.drop_zero_std_groups": "algorithm.zero_variance_groups=drop",
+}
 
 
 # ---------------------------------------------------------------- parsing and type checking
@@ -257,10 +273,31 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
-    raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # a bug in this file, not in the YAML
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # a bug in this file or a Param, not in the YAML
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def section_types(params: Mapping[str, Param]) -> dict[str, type]:
+    """Each section's dataclass by name, with the keys declared for it (`section.name` -> Param) added."""
+    extra: dict[str, list[tuple[str, Param]]] = {}
+    for key, p in params.items():
+        section, _, name = key.partition(".")
+        extra.setdefault(section, []).append((name, p))
+    out = {}
+    for section, cls in typing.get_type_hints(Config).items():
+        added = extra.pop(section, [])
+        fixed = {f.name for f in dataclasses.fields(cls)}
+        clash = [f"{section}.{name}" for name, _ in added if name in fixed]
+        if clash:  # a part declaring a fixed key: a bug in that part
+            raise ConfigError(f"declared key(s) {', '.join(clash)} are fixed keys of config.py")
+        out[section] = cls if not added else dataclasses.make_dataclass(cls.__name__, [
+            (name, p.type, field(default_factory=lambda d=p.default: copy.deepcopy(d))) for name, p in added],
+            bases=(cls,))
+    if extra:
+        raise ConfigError(f"declared key(s) in no section: {', '.join(f'{s}.{n}' for s in extra for n, _ in extra[s])}")
+    return out
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -274,14 +311,19 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             f"unknown config key(s) {', '.join(f'{where}{k}' for k in unknown)}; "
             f"valid keys in {where.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
         )
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, f"{where}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{where}{name}")
-    return cls(**kwargs)
+    return cls(**{name: _coerce(value, hints[name], f"{where}{name}") for name, value in data.items()})
+
+
+def _build_config(data: Any, declared: Declarations) -> Config:
+    """Every section from its mapping in `data` (absent: its defaults), declared keys included."""
+    sections = section_types(declared.params)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping, got {data!r}")
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys in the top level: "
+                          f"{', '.join(sorted(sections))}")
+    return Config(**{name: _build(cls, data.get(name) or {}, f"{name}.") for name, cls in sections.items()})
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -314,8 +356,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                declared: Declarations | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate. `declared`: the
+    registered parts' names and keys (parts.declarations()); without it only the fixed keys exist."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -325,25 +369,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    data = apply_overrides(data, overrides or [])
-    config = _build(Config, data, "")
-    validate_config(config)
+    return config_from_dict(apply_overrides(data, overrides or []), declared)
+
+
+def config_from_dict(data: dict[str, Any], declared: Declarations | None = None) -> Config:
+    declared = declared or Declarations()
+    config = _build_config(data, declared)
+    validate_config(config, declared)
     return config
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    config = _build(Config, data, "")
-    validate_config(config)
-    return config
+def _section_value(config: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
 
 
-def validate_config(c: Config) -> None:
-    """Cross-field checks that the types alone cannot express."""
-    from grpo import ADVANTAGE_FNS, POLICY_LOSSES  # the registries own the valid names
-    from grpo_mitigations import WEIGHTERS, check_params
-    from tasks import TASKS
-
-    t, a, m = c.training, c.algorithm, c.mitigation
+def validate_config(c: Config, declared: Declarations | None = None) -> None:
+    """Cross-field checks that the types alone cannot express, the registered names, and each declared
+    key's own rule."""
+    t, a = c.training, c.algorithm
     problems: list[str] = []
 
     def need(ok: bool, message: str) -> None:
@@ -374,19 +418,16 @@ def validate_config(c: Config) -> None:
     need(t.lr_warmup_steps >= 0, f"training.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
     need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"training.betas must be two numbers in [0, 1) (got {t.betas})")
     need(t.max_grad_norm > 0, f"training.max_grad_norm must be > 0 (got {t.max_grad_norm})")
+    for name in ("learning_rate", "max_grad_norm"):
+        need(math.isfinite(getattr(t, name)), f"training.{name} must be finite")
     need(c.data.test_size > 0, f"data.test_size must be > 0 (got {c.data.test_size})")
     need(c.eval.num_problems >= 1 and c.eval.batch_size >= 1, "eval.num_problems and eval.batch_size must be >= 1")
-    need(all(n >= 2 for n in c.eval.transfer_num_numbers) and c.eval.transfer_problems >= 1,
-         "eval.transfer_num_numbers must be counts >= 2 and eval.transfer_problems >= 1")
     need(c.credit.credit_save_interval >= 1, "credit.credit_save_interval must be >= 1")
     need(not (c.distributed.strategy == "fsdp" and t.optimizer == "adamw_offload"),
          "distributed.strategy=fsdp shards the optimizer state already: use training.optimizer=adamw")
 
-    need(a.adv_estimator in ADVANTAGE_FNS,
-         f"algorithm.adv_estimator {a.adv_estimator!r} is unknown; valid: {', '.join(sorted(ADVANTAGE_FNS))}")
-    need(a.adv_eps > 0, f"algorithm.adv_eps must be > 0 (got {a.adv_eps})")
     need(a.soft_reweight_eps > 0, f"algorithm.soft_reweight_eps must be > 0 (got {a.soft_reweight_eps})")
-    for name in ("tau", "tau_start", "tau_end"):
+    for name in ("tau_start", "tau_end"):
         need(getattr(a, name) > 0, f"algorithm.{name} must be > 0 (got {getattr(a, name)})")
     if a.rollout_filter == "top_k":
         v = a.rollout_filter_value
@@ -396,11 +437,6 @@ def validate_config(c: Config) -> None:
                  f"algorithm.rollout_filter_value={v} must be a whole number of groups <= "
                  f"num_questions_per_batch={t.num_questions_per_batch}, or a fraction < 1")
     need(a.num_iterations >= 1, f"algorithm.num_iterations must be >= 1 (got {a.num_iterations})")
-    need(a.policy_loss in POLICY_LOSSES,
-         f"algorithm.policy_loss {a.policy_loss!r} is unknown; valid: {', '.join(sorted(POLICY_LOSSES))}")
-    need((a.epsilon_low is None or 0 <= a.epsilon_low < 1) and (a.epsilon_high is None or a.epsilon_high >= 0),
-         f"algorithm.epsilon_low must be in [0, 1) and epsilon_high >= 0 (got {a.epsilon_low}, {a.epsilon_high})")
-    need(a.clip_ratio_c > 1, f"algorithm.clip_ratio_c must be > 1 (got {a.clip_ratio_c})")
     need(a.max_sampling_rounds >= 1, f"algorithm.max_sampling_rounds must be >= 1 (got {a.max_sampling_rounds})")
     need(0 <= a.overlong_buffer_len < t.max_new_tokens,
          f"algorithm.overlong_buffer_len must be in [0, training.max_new_tokens) (got {a.overlong_buffer_len})")
@@ -408,12 +444,12 @@ def validate_config(c: Config) -> None:
     need(a.beta >= 0 and a.entropy_coef >= 0 and a.teacher_forcing_coef >= 0,
          "algorithm.beta, entropy_coef and teacher_forcing_coef must be >= 0")
 
-    need(c.data.task in TASKS, f"data.task {c.data.task!r} is unknown; valid: {', '.join(sorted(TASKS))}")
-    need(2 <= c.data.num_arms <= 52 and 1 <= c.data.num_contexts <= 10,
-         "data.num_arms must be in [2, 52] and data.num_contexts in [1, 10]")
-    need(m.name in WEIGHTERS, f"mitigation.name {m.name!r} is unknown; valid: {', '.join(sorted(WEIGHTERS))}")
-    problems.extend(check_params(weighter_values(c)))
-    for name in ("learning_rate", "max_grad_norm"):
-        need(math.isfinite(getattr(t, name)), f"training.{name} must be finite")
+    declared = declared or Declarations()
+    for key, names in declared.choices.items():
+        value = _section_value(c, key)
+        need(value in names, unknown_name(key, value, names))
+    for key, p in declared.params.items():
+        value = _section_value(c, key)
+        need(value is None or p.check(value), f"{key} must be {p.valid} (got {value})")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

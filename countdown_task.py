@@ -17,6 +17,9 @@ Data: the published layout of ``Jiayi-Pan/Countdown-Tasks-3to4`` -- a directory 
 ``data/train-00000-of-00001.parquet`` holding columns ``target`` (int) and ``nums``
 (list of int). ``python countdown_task.py generate --out DIR`` writes the same layout.
 
+The task the trainer runs (`CountdownTask`, registered as ``data.task=countdown``) is at the end, with the
+config keys it declares; its built-in model is tiny_model.py warmed up on this solver's traces.
+
 CLI: ``python countdown_task.py {generate,solve,check} --help``.
 """
 from __future__ import annotations
@@ -32,8 +35,10 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from config import Param
+from tasks import TASKS, Task
 from tokenizer import chat_prompt  # Qwen's chat format lives with the tokenizer
 
 
@@ -568,6 +573,72 @@ def reward_function(
         "reward": 0.1 * format_reward + answer_reward,
         "reward_info": {"format_reward": format_reward, "answer_reward": answer_reward},
     }
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def _counts(v: list[int]) -> bool:
+    return all(n >= 2 for n in v)
+
+
+@TASKS.register("countdown", params={
+    "generate_if_missing": Param(0, ">0: write this many solver-checked problems to data.path if it is missing",
+                                 ">= 0", lambda v: v >= 0, int),
+    "generate_num_numbers": Param([3, 4], "numbers per generated problem (one of these counts each)",
+                                  "counts >= 2", _counts, list[int]),
+    # a transfer set: generated problems with these numbers counts (e.g. [4] for a model trained on 3-number
+    # problems), evaluated beside the held-out split and logged as success_rate/transfer
+    "transfer_num_numbers": Param([], "numbers counts of the generated transfer eval set (empty: none)",
+                                  "counts >= 2", _counts, list[int], section="eval"),
+    "transfer_problems": Param(128, "problems in the transfer eval set", ">= 1", lambda v: v >= 1, int,
+                               section="eval"),
+})
+class CountdownTask(Task):
+    def load(self) -> tuple[list[Any], list[Any]]:
+        d = self.config.data
+        path = Path(d.path)
+        if not path.exists() and d.generate_if_missing > 0:
+            print(f"[data] {path} is missing: generating {d.generate_if_missing} solvable Countdown problems there")
+            problems = generate_problems(d.generate_if_missing, seed=d.generate_seed,
+                                         num_numbers=tuple(d.generate_num_numbers))
+            write_countdown_dataset(problems, path)
+        test_size = d.test_size
+        return split_dataset(load_countdown_dataset(path), int(test_size) if test_size >= 1 else test_size)
+
+    def prompt(self, problem: CountdownProblem) -> str:
+        return build_prompt(problem, self.config.data.prompt_style)
+
+    def reward(self, problem: CountdownProblem, completion: str) -> dict:
+        return reward_function(completion, problem.numbers, problem.target)
+
+    def reference_completion(self, problem: CountdownProblem) -> str | None:
+        solution = solve(problem.numbers, problem.target)
+        return None if solution is None else format_trace(solution)
+
+    def eval_group(self, problem: CountdownProblem) -> str:
+        return f"{len(problem.numbers)}num"
+
+    def extra_eval_sets(self) -> dict[str, list[Any]]:
+        e = self.config.eval
+        if not e.transfer_num_numbers:
+            return {}
+        return {"transfer": generate_problems(e.transfer_problems, seed=e.seed,
+                                              num_numbers=tuple(e.transfer_num_numbers))}
+
+    def build_model(self, path: Path, train_set: Sequence[Any]) -> None:
+        """The tiny model, warmed up on solver traces of the training split (a random one of each problem's
+        solutions per example when tiny.varied_traces: more entropy at the choice points GRPO explores)."""
+        import tiny_model  # torch: not for the reward and solver, which run without it (.ci/run's floor venv)
+
+        s, style = self.config.tiny, self.config.data.prompt_style
+        problems = [p for p in train_set[: s.num_train_problems] if solve(p.numbers, p.target) is not None]
+
+        def draw(rng: random.Random) -> tuple[str, str]:
+            p = problems[rng.randrange(len(problems))]
+            return build_prompt(p, style), format_trace(solve(p.numbers, p.target, rng if s.varied_traces else None))
+
+        tiny_model.build_tiny_model(s, path, draw, len(problems))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -23,7 +23,17 @@ class Episode:
     # the rollout-time log-probs are PPO's "old" log-probs; the entropies feed entropy-based weighters.
     log_probs: list[float] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
-    answer_start: int | None = None  # index of the first generated token of the <answer> section
+    answer_start: int | None = None  # index of the first generated token of the task's answer section
+
+    # Every task's reward_info reports these two parts (tasks.Task.reward)
+    @property
+    def solved(self) -> bool:
+        """The answer is right: an evaluation's success."""
+        return self.reward_info["answer_reward"] == 1.0
+
+    @property
+    def format_reward(self) -> float:
+        return self.reward_info["format_reward"]
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as tdist
 
 T = TypeVar("T")
+K = TypeVar("K")
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -103,13 +104,13 @@ def gather(items: list[T], d: Dist) -> list[T]:
     return [x for part in parts for x in part]
 
 
-def sum_values(values: dict[str, float], d: Dist) -> dict[str, float]:
+def sum_values(values: dict[K, float], d: Dist) -> dict[K, float]:
     """Key-wise sum of every rank's dict (keys missing on a rank count as 0)."""
     if not d.enabled:
         return values
     parts: list[Any] = [None] * d.world_size
     tdist.all_gather_object(parts, values)
-    out: dict[str, float] = {}
+    out: dict[K, float] = {}
     for part in parts:
         for k, v in part.items():
             out[k] = out.get(k, 0.0) + v

@@ -1,60 +1,72 @@
-"""GRPO, the algorithm: group-relative advantages, policy losses, KL estimators, loss aggregation, reward
-shaping and group selection, as small pure functions on tensors behind registries by name: advantages
-(`ADVANTAGE_FNS`), policy losses (`POLICY_LOSSES`), KL estimators (`KL_ESTIMATORS`).
+"""GRPO, the algorithm: what a researcher reads and swaps, as small pure functions on tensors.
 
-The update that minimizes these losses is update.py; sampling is rollout.py.
+    rewards   -> overlong_penalty (DAPO's reward shaping)
+              -> select_groups (top-k by reward std, zero-variance groups)
+              -> compute_advantages (ADVANTAGES: grpo, dr_grpo, softmax, softmax_centered, rloo)
+    per token -> a policy loss (POLICY_LOSSES: pg, ppo, dual_clip, gspo, cispo)
+                 + beta x a KL estimator (KL_ESTIMATORS: k1, k2, k3) - entropy_coef x entropy
+              -> aggregate_loss (LOSS_AGG_MODES, veRL's four)
+
+Each registry maps a config name to a function, and each function declares the config keys it reads
+(config.Param), so adding one is one function here and its test. `objective` binds the loss side into what
+update.update_policy minimizes; the update itself (micro-batches, forwards, gradients) is update.py, and
+sampling is rollout.py.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from config import Config, Param
+from registry import Registry
+from update import Objective
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
 
 # ============================================================================ advantages
 
-AdvantageFn = Callable[..., torch.Tensor]
-ADVANTAGE_FNS: dict[str, AdvantageFn] = {}
+ADVANTAGES: Registry[Callable[..., torch.Tensor]] = Registry("algorithm.adv_estimator")
+# Both softmax estimators read one temperature: algorithm.tau (algorithm.tau_schedule moves it over a run)
+TAU = Param(0.5, "softmax temperature (constant schedule)", "> 0", _positive)
 
 
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    def add(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGE_FNS[name] = fn
-        return fn
-    return add
-
-
-@register_advantage("grpo")
-def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4, tau: float = 1.0) -> torch.Tensor:
+@ADVANTAGES.register("grpo", params={"adv_eps": Param(1e-4, "the eps in (r - mean) / (std + eps)", "> 0",
+                                                      _positive)})
+def grpo_advantages(rewards: torch.Tensor, adv_eps: float) -> torch.Tensor:
     """(r - mean) / (std + eps) within each group, population std (GRPO, DeepSeekMath; GRPO-Zero)."""
     mean = rewards.mean(dim=-1, keepdim=True)
     std = rewards.std(dim=-1, keepdim=True, unbiased=False)
-    return (rewards - mean) / (std + eps)
+    return (rewards - mean) / (std + adv_eps)
 
 
-@register_advantage("dr_grpo")
-def dr_grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4, tau: float = 1.0) -> torch.Tensor:
+@ADVANTAGES.register("dr_grpo")
+def dr_grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """r - mean: no std normalization (Dr. GRPO, Liu et al. 2025), so easy/hard groups are not up-weighted."""
     return rewards - rewards.mean(dim=-1, keepdim=True)
 
 
-@register_advantage("softmax")
-def softmax_advantages(rewards: torch.Tensor, eps: float = 1e-4, tau: float = 1.0) -> torch.Tensor:
+@ADVANTAGES.register("softmax", params={"tau": TAU})
+def softmax_advantages(rewards: torch.Tensor, tau: float) -> torch.Tensor:
     """softmax(r / tau) * group_size: all-positive weights with mean 1 (the softmax-reward seed)."""
     return torch.softmax(rewards / tau, dim=-1) * rewards.shape[-1]
 
 
-@register_advantage("softmax_centered")
-def softmax_centered_advantages(rewards: torch.Tensor, eps: float = 1e-4, tau: float = 1.0) -> torch.Tensor:
+@ADVANTAGES.register("softmax_centered", params={"tau": TAU})
+def softmax_centered_advantages(rewards: torch.Tensor, tau: float) -> torch.Tensor:
     """softmax(r / tau) * group_size - 1: the same weights shifted to sum to zero in each group."""
-    return softmax_advantages(rewards, eps, tau) - 1.0
+    return softmax_advantages(rewards, tau) - 1.0
 
 
-@register_advantage("rloo")
-def rloo_advantages(rewards: torch.Tensor, eps: float = 1e-4, tau: float = 1.0) -> torch.Tensor:
+@ADVANTAGES.register("rloo")
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """r_i minus the mean of the other answers' rewards (REINFORCE leave-one-out, Ahmadian et al. 2024)."""
     g = rewards.shape[-1]
     others = (rewards.sum(dim=-1, keepdim=True) - rewards) / (g - 1)
@@ -67,24 +79,16 @@ def soft_reweight_factors(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Ten
     return std / (std.max() + eps)
 
 
-def compute_advantages(
-    rewards: torch.Tensor,
-    method: str = "grpo",
-    *,
-    eps: float = 1e-4,
-    tau: float = 1.0,
-    soft_reweight: bool = False,
-    reweight_eps: float = 1e-6,
-) -> torch.Tensor:
-    """Advantages [num_groups, group_size] from raw rewards of the same shape, by registered method name."""
-    if method not in ADVANTAGE_FNS:
-        raise ValueError(f"unknown advantage method {method!r}; valid: {', '.join(sorted(ADVANTAGE_FNS))}")
+def compute_advantages(rewards: torch.Tensor, method: str = "grpo", *, soft_reweight: bool = False,
+                       reweight_eps: float = 1e-6, **params: float) -> torch.Tensor:
+    """Advantages [num_groups, group_size] from raw rewards of the same shape, by registered method name.
+    `params`: the method's declared keys (adv_eps, tau, ...; its defaults where absent, others ignored)."""
+    fn = ADVANTAGES.get(method)
+    values = ADVANTAGES.bind(method, params)
     if rewards.dim() != 2 or rewards.shape[-1] < 2:
         raise ValueError(f"rewards must be [num_groups, group_size >= 2], got {tuple(rewards.shape)}")
-    if eps <= 0 or tau <= 0:
-        raise ValueError(f"eps and tau must be > 0 (got eps={eps}, tau={tau})")
     rewards = rewards.double()  # group statistics in float64: tiny stds must not turn into noise
-    adv = ADVANTAGE_FNS[method](rewards, eps=eps, tau=tau)
+    adv = fn(rewards, **values)
     if soft_reweight:
         adv = adv * soft_reweight_factors(rewards, reweight_eps)[:, None]
     return adv.float()
@@ -100,12 +104,27 @@ def tau_at_step(step: int, max_steps: int, schedule: str, tau: float, tau_start:
     raise ValueError(f"unknown tau schedule {schedule!r}; valid: constant, linear")
 
 
+def step_advantages(rewards: torch.Tensor, config: Config, step: int) -> tuple[torch.Tensor, float]:
+    """The configured estimator's advantages at `step` (its keys from the config, tau on its schedule), and
+    that tau."""
+    a = config.algorithm
+    params = ADVANTAGES.values(a.adv_estimator, config)
+    tau = tau_at_step(step, config.training.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)
+    params["tau"] = tau
+    return compute_advantages(rewards, a.adv_estimator, soft_reweight=a.soft_reweight,
+                              reweight_eps=a.soft_reweight_eps, **params), tau
+
+
+def zero_variance(rewards: torch.Tensor) -> torch.Tensor:
+    """[num_groups] bool: groups whose answers all scored the same, which carry no group-relative signal."""
+    return rewards.double().std(dim=-1, unbiased=False) <= 1e-12
+
+
 def select_groups(rewards: torch.Tensor, top_k: float | None = None, drop_zero_std: bool = False) -> torch.Tensor:
     """Indices of the groups to train on, in their original order.
 
     top_k: keep the k groups with the largest reward std (a count >= 1, or a fraction < 1 of the groups,
-    rounded up; ties keep the earlier group). drop_zero_std: also drop groups whose rewards are all equal,
-    which carry no group-relative signal.
+    rounded up; ties keep the earlier group). drop_zero_std: also drop zero-variance groups.
     """
     n = rewards.shape[0]
     std = rewards.double().std(dim=-1, unbiased=False)
@@ -116,7 +135,7 @@ def select_groups(rewards: torch.Tensor, top_k: float | None = None, drop_zero_s
         order = sorted(range(n), key=lambda i: (-float(std[i]), i))
         keep = torch.tensor(sorted(order[:k]), dtype=torch.long)
     if drop_zero_std:
-        keep = keep[std[keep] > 1e-12]
+        keep = keep[~zero_variance(rewards[keep])]
     return keep
 
 
@@ -137,7 +156,19 @@ def advantage_stats(advantages: torch.Tensor) -> dict[str, float]:
     }
 
 
-# ============================================================================ losses
+# ============================================================================ reward shaping
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, penalty: float) -> torch.Tensor:
+    """DAPO's overlong reward shaping: 0 up to max_len - buffer_len generated tokens, then falling linearly
+    to -penalty at max_len (veRL: min(-(L - (max_len - buffer)) / buffer * penalty, 0))."""
+    if buffer_len <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float64)
+    exceed = lengths.double() - (max_len - buffer_len)
+    return (-exceed / buffer_len * penalty).clamp(max=0.0)
+
+
+# ============================================================================ loss aggregation
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -175,35 +206,36 @@ def aggregate_loss(
     raise ValueError(f"unknown loss_agg_mode {mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
 
 
-# ---------------------------------------------------------------- policy losses (veRL's registry pattern)
+# ============================================================================ policy losses (veRL's registry)
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
 class PolicyLoss:
-    """A registered policy loss and what the update needs to know about it."""
+    """A registered policy loss: `fn(log_probs, old_log_probs, advantages, mask, **its keys) -> (token_loss,
+    metrics)`, all tensors [B, T], `advantages` per token (token weights applied), `token_loss` the per-token
+    loss to minimize before aggregation."""
 
     fn: PolicyLossFn
-    uses_ratio: bool  # reads old log-probs: the update must supply them (recompute or rollout)
+    uses_ratio: bool = True  # reads old log-probs: the update must supply them (recompute or rollout)
     default_epsilon: tuple[float, float] = (0.2, 0.28)  # (epsilon_low, epsilon_high) when the config sets none
     loss_agg_mode: str | None = None  # forced aggregation (GSPO's seq-mean-token-mean); None: the config's
 
 
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("algorithm.policy_loss")
+# The clipped losses share the clip range; None: the loss's own default_epsilon
+CLIP = {"epsilon_low": Param(None, "ratio clipped below at 1 - epsilon_low (default: the loss's)", "in [0, 1)",
+                             lambda v: 0 <= v < 1, float | None),
+        "epsilon_high": Param(None, "ratio clipped above at 1 + epsilon_high (default: the loss's)", ">= 0",
+                              lambda v: v >= 0, float | None)}
 
 
-def register_policy_loss(
-    name: str, uses_ratio: bool = True, default_epsilon: tuple[float, float] = (0.2, 0.28),
-    loss_agg_mode: str | None = None,
-) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Register `fn(log_probs, old_log_probs, advantages, mask, cfg) -> (token_loss, metrics)` under `name`.
-
-    All tensors are [B, T]; `advantages` are per token (token weights already applied); `token_loss` is the
-    per-token loss to minimize before aggregation; `cfg` has `epsilon_low`, `epsilon_high`, `clip_ratio_c`.
-    """
+def register_policy_loss(name: str, params: dict[str, Param] | None = None, **record: object
+                         ) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register `fn` under `name` with the config keys it reads; `record`: PolicyLoss's other fields."""
     def add(fn: PolicyLossFn) -> PolicyLossFn:
-        POLICY_LOSSES[name] = PolicyLoss(fn, uses_ratio, default_epsilon, loss_agg_mode)
+        POLICY_LOSSES.add(name, PolicyLoss(fn, **record), params)  # type: ignore[arg-type]
         return fn
     return add
 
@@ -219,81 +251,87 @@ def log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor) -> torch.Ten
 
 
 @register_policy_loss("pg", uses_ratio=False)
-def pg_loss(log_probs, old_log_probs, advantages, mask, cfg):
+def pg_loss(log_probs, old_log_probs, advantages, mask):
     """-A log pi: the on-policy GRPO / REINFORCE gradient (old log-probs unused)."""
     return -advantages * log_probs, {}
 
 
-def _clipped_surrogate(ratio, advantages, mask, cfg):
+def _clipped_surrogate(ratio, advantages, mask, epsilon_low, epsilon_high):
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    clipped = -advantages * ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
     loss = torch.maximum(unclipped, clipped)
     return loss, {"clip_frac": masked_mean((clipped > unclipped).float(), mask)}
 
 
-@register_policy_loss("ppo")
-def ppo_loss(log_probs, old_log_probs, advantages, mask, cfg):
+@register_policy_loss("ppo", CLIP)
+def ppo_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high):
     """max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old (PPO; DAPO's clip-higher when
     eps_high > eps_low)."""
-    return _clipped_surrogate(torch.exp(log_ratio(log_probs, old_log_probs)), advantages, mask, cfg)
+    ratio = torch.exp(log_ratio(log_probs, old_log_probs))
+    return _clipped_surrogate(ratio, advantages, mask, epsilon_low, epsilon_high)
 
 
-@register_policy_loss("dual_clip")
-def dual_clip_loss(log_probs, old_log_probs, advantages, mask, cfg):
+@register_policy_loss("dual_clip", {**CLIP, "clip_ratio_c": Param(
+    3.0, "dual_clip: the loss of A < 0 tokens is bounded by -A c", "> 1", lambda v: v > 1)})
+def dual_clip_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high, clip_ratio_c):
     """`ppo`, and for A < 0 bounded above by -A c, c = clip_ratio_c (Ye et al. 2020, dual-clip PPO)."""
-    loss, metrics = ppo_loss(log_probs, old_log_probs, advantages, mask, cfg)
-    bound = -advantages * cfg.clip_ratio_c
+    loss, metrics = ppo_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high)
+    bound = -advantages * clip_ratio_c
     lower_clipped = (advantages < 0) & (loss > bound)
     metrics["clip_frac_lower"] = masked_mean(lower_clipped.float(), mask)
     return torch.where(advantages < 0, torch.minimum(loss, bound), loss), metrics
 
 
-@register_policy_loss("gspo", default_epsilon=(3e-4, 4e-4), loss_agg_mode="seq-mean-token-mean")
-def gspo_loss(log_probs, old_log_probs, advantages, mask, cfg):
+@register_policy_loss("gspo", CLIP, default_epsilon=(3e-4, 4e-4), loss_agg_mode="seq-mean-token-mean")
+def gspo_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high):
     """GSPO (Zheng et al. 2025), token form: s_i,t = sg[s_i] * pi_t / sg[pi_t], where s_i is the sequence's
     geometric-mean ratio; clipped like PPO and aggregated seq-mean-token-mean (veRL's compute_policy_loss_gspo)."""
     m = mask.to(log_probs.dtype)
     seq_log_ratio = ((log_probs - old_log_probs) * m).sum(-1) / m.sum(-1).clamp(min=1)
     token_log_ratio = log_probs - log_probs.detach() + seq_log_ratio.detach()[:, None]
     ratio = torch.exp(token_log_ratio.clamp(max=10.0))
-    return _clipped_surrogate(ratio, advantages, mask, cfg)
+    return _clipped_surrogate(ratio, advantages, mask, epsilon_low, epsilon_high)
 
 
-@register_policy_loss("cispo")
-def cispo_loss(log_probs, old_log_probs, advantages, mask, cfg):
+@register_policy_loss("cispo", CLIP)
+def cispo_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high):
     """-sg[clip(r, 1 - eps_low, 1 + eps_high)] A log pi (CISPO, MiniMax-M1 2025): clips the importance
     weight, never the gradient, so every token keeps contributing."""
     ratio = torch.exp(log_ratio(log_probs, old_log_probs)).detach()
-    weight = ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    weight = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
     metrics = {"clip_frac": masked_mean((weight != ratio).float(), mask)}
     return -weight * advantages * log_probs, metrics
 
 
-# ---------------------------------------------------------------- KL estimators
+def policy_loss(name: str, **params: float | None) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+    """Loss `name` with its keys bound (`params`, else their defaults; an unset clip range is the loss's own):
+    `(log_probs, old_log_probs, advantages, mask) -> (token_loss, metrics)`."""
+    loss = POLICY_LOSSES.get(name)
+    values = POLICY_LOSSES.bind(name, params)
+    for key, default in zip(("epsilon_low", "epsilon_high"), loss.default_epsilon):
+        if key in values and values[key] is None:
+            values[key] = default
+    return functools.partial(loss.fn, **values)
 
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+# ============================================================================ KL estimators
+
+KL_ESTIMATORS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("algorithm.kl_estimator")
 
 
-def _register_kl(name: str) -> Callable:
-    def add(fn: Callable) -> Callable:
-        KL_ESTIMATORS[name] = fn
-        return fn
-    return add
-
-
-@_register_kl("k1")
+@KL_ESTIMATORS.register("k1")
 def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     """log pi - log pi_ref: unbiased for KL(pi || pi_ref), high variance, can be negative per token."""
     return log_probs - ref_log_probs
 
 
-@_register_kl("k2")
+@KL_ESTIMATORS.register("k2")
 def kl_k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     """(log pi - log pi_ref)^2 / 2: biased, low variance, >= 0 (Schulman 2020)."""
     return 0.5 * (log_probs - ref_log_probs) ** 2
 
 
-@_register_kl("k3")
+@KL_ESTIMATORS.register("k3")
 def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     """Schulman's k3: exp(d) - d - 1, d = log pi_ref - log pi (>= 0, unbiased). d is clamped to +-20 as in
     veRL's low_var_kl, so an infinite log-prob gives a large finite value, never NaN."""
@@ -302,15 +340,31 @@ def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_estimator {estimator!r}; valid: {', '.join(sorted(KL_ESTIMATORS))}")
-    return KL_ESTIMATORS[estimator](log_probs, ref_log_probs)
+    return KL_ESTIMATORS.get(estimator)(log_probs, ref_log_probs)
 
 
-def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, penalty: float) -> torch.Tensor:
-    """DAPO's overlong reward shaping: 0 up to max_len - buffer_len generated tokens, then falling linearly
-    to -penalty at max_len (veRL: min(-(L - (max_len - buffer)) / buffer * penalty, 0))."""
-    if buffer_len <= 0:
-        return torch.zeros_like(lengths, dtype=torch.float64)
-    exceed = lengths.double() - (max_len - buffer_len)
-    return (-exceed / buffer_len * penalty).clamp(max=0.0)
+# ============================================================================ the objective the update minimizes
+
+
+def objective(policy_loss_name: str = "pg", loss_agg_mode: str = "token-mean", *, max_len: int | None = None,
+              beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
+              teacher_forcing_coef: float = 0.0, **loss_params: float | None) -> Objective:
+    """Per token: policy_loss(log pi, log pi_old, A x w) + beta x KL(pi || pi_ref) - entropy_coef x H,
+    aggregated by `loss_agg_mode` (a loss may force its own, GSPO's seq-mean-token-mean); plus
+    teacher_forcing_coef x the NLL of reference completions. `loss_params`: the policy loss's keys."""
+    forced = POLICY_LOSSES.get(policy_loss_name).loss_agg_mode
+    mode = forced or loss_agg_mode
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
+    return Objective(policy_loss=policy_loss(policy_loss_name, **loss_params),
+                     aggregate=functools.partial(aggregate_loss, mode=mode, max_len=max_len),
+                     kl=KL_ESTIMATORS.get(kl_estimator), beta=beta, entropy_coef=entropy_coef,
+                     teacher_forcing_coef=teacher_forcing_coef)
+
+
+def configured_objective(config: Config) -> Objective:
+    """`objective` as the algorithm section sets it, the generation budget as seq-mean-token-sum-norm's max_len."""
+    a = config.algorithm
+    return objective(a.policy_loss, a.loss_agg_mode, max_len=config.training.max_new_tokens, beta=a.beta,
+                     kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+                     teacher_forcing_coef=a.teacher_forcing_coef, **POLICY_LOSSES.values(a.policy_loss, config))

@@ -4,7 +4,7 @@ Plain GRPO gives every token of a completion the same advantage A, so the per-to
 A x log pi(y_t). A weighter returns w_t per generated token and the objective becomes w_t x A x log pi(y_t).
 Weights are detached (constants in the gradient) except the learned attribution head's, whose
 gradient is the point. Each weighting rule is a small pure function on tensors; the classes only adapt
-them to the update loop (`grpo.update_policy`) and are registered by the names the CLI uses.
+them to the update loop (`update.update_policy`) and are registered by the names the CLI uses.
 
 Masked (padding) positions get weight 0; every weight below is for real generated tokens only.
 """
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from config import Param
 from data_types import TokenBatch
+from registry import Registry
 
 # ============================================================================ pure weighting rules
 
@@ -148,56 +149,19 @@ def attribution_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 # ============================================================================ weighters (the loop's adapters)
 
-@dataclass(frozen=True)
-class Param:
-    """A weighter's tunable parameter, declared once on its class: the config key `mitigation.<name>`,
-    the `train_mitigations.py --<name>` flag, the validation and the docs all come from here."""
-
-    default: Any
-    help: str
-    valid: str = ""  # the rule in words, for error messages
-    check: Callable[[Any], bool] = lambda v: True
-    type: Any = float
-    section: str = "mitigation"  # the config section holding it: mitigation.<name> or attribution.<name>
+WEIGHTERS: Registry[type[TokenWeighter]] = Registry("mitigation.name")
 
 
-WEIGHTERS: dict[str, type[TokenWeighter]] = {}
-
-
-def register_weighter(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        cls.name = name
-        WEIGHTERS[name] = cls
-        return cls
-    return add
-
-
-def weighter_params() -> dict[str, tuple[str, Param]]:
-    """Every declared parameter: name -> (owning weighter, Param), in registration order."""
-    out: dict[str, tuple[str, Param]] = {}
-    for wname, cls in WEIGHTERS.items():
-        for pname, param in cls.params.items():
-            if pname in out and out[pname][0] != wname:
-                raise RuntimeError(f"weighters {out[pname][0]!r} and {wname!r} both declare {pname!r}")
-            out.setdefault(pname, (wname, param))
-    return out
-
-
-def check_params(values: dict[str, Any]) -> list[str]:
-    """Messages for values that break their Param's rule (empty when all are valid)."""
-    params = weighter_params()
-    return [f"{params[k][1].section}.{k} must be {params[k][1].valid} (got {v})" for k, v in values.items()
-            if k in params and v is not None and not params[k][1].check(v)]
-
-
-@register_weighter("none")
 class TokenWeighter:
-    """Weight 1 everywhere: plain GRPO. Base class of the others."""
+    """Weight 1 everywhere: plain GRPO (`none`). Base class of the others; what update.update_policy asks of a
+    weighter (update.Weighter)."""
 
     name = "none"
-    needs_hidden = False
-    needs_last_qk = False
-    params: dict[str, Param] = {}
+    needs_hidden = False  # reads the final hidden states (TokenBatch.hidden)
+    needs_last_qk = False  # reads the last layer's queries and keys over the whole sequence
+    detach_hidden = True  # its own loss reaches the policy's hidden states only when False
+    learning_rate: float | None = None  # of its parameters, if it has any (None: the policy's)
+    checkpoint_name = "weighter"  # its state's file in a checkpoint (<name>.safetensors), when it has state
 
     def __init__(self, **_: float):
         self._sums: dict[str, float] = {}
@@ -222,6 +186,19 @@ class TokenWeighter:
         if state:
             raise ValueError(f"weighter {self.name!r} has no state, got keys {sorted(state)}")
 
+    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Its state as a checkpoint's extra tensor files (none when it has no state)."""
+        state = self.state_dict()
+        return {self.checkpoint_name: state} if state else {}
+
+    def load_checkpoint_state(self, files: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore from a checkpoint's extra tensor files; a file it does not own is an error (the run that wrote
+        the checkpoint used another weighter)."""
+        other = sorted(set(files) - {self.checkpoint_name})
+        if other:
+            raise ValueError(f"the checkpoint holds {', '.join(other)}, which weighter {self.name!r} does not use")
+        self.load_state_dict(files.get(self.checkpoint_name, {}))
+
     def _track(self, name: str, value: float, count: int = 1) -> None:
         self._sums[name] = self._sums.get(name, 0.0) + value * count
 
@@ -240,10 +217,12 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-@register_weighter("outcome_conditional")
-class OutcomeConditionalWeighter(TokenWeighter):
-    params = {"think_discount": Param(0.5, "weight of tokens before <answer>", "in [0, 1]", lambda v: 0 <= v <= 1)}
+WEIGHTERS.add("none", TokenWeighter)
 
+
+@WEIGHTERS.register("outcome_conditional", params={
+    "think_discount": Param(0.5, "weight of tokens before <answer>", "in [0, 1]", lambda v: 0 <= v <= 1)})
+class OutcomeConditionalWeighter(TokenWeighter):
     def __init__(self, think_discount: float = 0.5, **_: Any):
         super().__init__()
         self.think_discount = think_discount
@@ -252,10 +231,9 @@ class OutcomeConditionalWeighter(TokenWeighter):
         return outcome_conditional_weights(batch.answer_mask, batch.mask, self.think_discount)
 
 
-@register_weighter("inverse_logprob")
+@WEIGHTERS.register("inverse_logprob", params={
+    "epsilon": Param(0.1, "w = 1 / (|log_prob| + epsilon)", "> 0", lambda v: v > 0)})
 class InverseLogprobWeighter(TokenWeighter):
-    params = {"epsilon": Param(0.1, "w = 1 / (|log_prob| + epsilon)", "> 0", lambda v: v > 0)}
-
     def __init__(self, epsilon: float = 0.1, **_: Any):
         super().__init__()
         self.epsilon = epsilon
@@ -264,11 +242,10 @@ class InverseLogprobWeighter(TokenWeighter):
         return inverse_logprob_weights(batch.log_probs, batch.mask, self.epsilon)
 
 
-@register_weighter("attention_credit")
+@WEIGHTERS.register("attention_credit", params={
+    "credit_scale": Param(2.0, "think weights clamped to [1/scale, scale]", ">= 1", lambda v: v >= 1)})
 class AttentionCreditWeighter(TokenWeighter):
     needs_last_qk = True
-
-    params = {"credit_scale": Param(2.0, "think weights clamped to [1/scale, scale]", ">= 1", lambda v: v >= 1)}
 
     def __init__(self, credit_scale: float = 2.0, **_: Any):
         super().__init__()
@@ -279,10 +256,9 @@ class AttentionCreditWeighter(TokenWeighter):
         return attention_credit_weights(credit, batch.answer_mask, batch.mask, self.credit_scale)
 
 
-@register_weighter("entropy_weighted")
+@WEIGHTERS.register("entropy_weighted", params={
+    "entropy_temp": Param(1.0, "w = softmax(H / temp) x count", "> 0", lambda v: v > 0)})
 class EntropyWeightedWeighter(TokenWeighter):
-    params = {"entropy_temp": Param(1.0, "w = softmax(H / temp) x count", "> 0", lambda v: v > 0)}
-
     def __init__(self, entropy_temp: float = 1.0, **_: Any):
         super().__init__()
         self.entropy_temp = entropy_temp
@@ -291,11 +267,10 @@ class EntropyWeightedWeighter(TokenWeighter):
         return entropy_weighted_weights(batch.rollout_entropy, batch.mask, self.entropy_temp)
 
 
-@register_weighter("entropy_masking")
+@WEIGHTERS.register("entropy_masking", params={
+    "mask_percentile": Param(80.0, "keep tokens at or above this batch entropy percentile", "in [0, 100)",
+                             lambda v: 0 <= v < 100)})
 class EntropyMaskingWeighter(TokenWeighter):
-    params = {"mask_percentile": Param(80.0, "keep tokens at or above this batch entropy percentile",
-                                       "in [0, 100)", lambda v: 0 <= v < 100)}
-
     def __init__(self, mask_percentile: float = 80.0, **_: Any):
         super().__init__()
         self.mask_percentile = mask_percentile
@@ -315,7 +290,16 @@ class EntropyMaskingWeighter(TokenWeighter):
 ATTRIBUTION_OBJECTIVES = ("surrogate", "advantage_regression")
 
 
-@register_weighter("attribution")
+@WEIGHTERS.register("attribution", params={
+    "attribution_entropy_coef": Param(0.0, "entropy regularizer on the learned weights", ">= 0", lambda v: v >= 0),
+    "attribution_lr": Param(None, "learning rate of the head (default: the policy's)", "> 0",
+                            lambda v: v > 0, Optional[float]),
+    "detach_hidden": Param(True, "true: only the head learns from its loss; false: its gradient also reaches "
+                           "the policy's hidden states", "true or false", lambda v: isinstance(v, bool), bool,
+                           section="attribution"),
+    "objective": Param("surrogate", "surrogate (the seed's) or advantage_regression", " or ".join(
+        ATTRIBUTION_OBJECTIVES), lambda v: v in ATTRIBUTION_OBJECTIVES, str, section="attribution"),
+})
 class AttributionWeighter(TokenWeighter):
     """The learned attribution head (seed 002). Two objectives (`attribution.objective`):
 
@@ -332,25 +316,18 @@ class AttributionWeighter(TokenWeighter):
     """
 
     needs_hidden = True
-    params = {
-        "attribution_entropy_coef": Param(0.0, "entropy regularizer on the learned weights", ">= 0", lambda v: v >= 0),
-        "attribution_lr": Param(None, "learning rate of the head (default: the policy's)", "> 0",
-                                lambda v: v > 0, Optional[float]),
-        "detach_hidden": Param(True, "true: only the head learns from its loss; false: its gradient also reaches "
-                               "the policy's hidden states", "true or false", lambda v: isinstance(v, bool), bool,
-                               section="attribution"),
-        "objective": Param("surrogate", "surrogate (the seed's) or advantage_regression", " or ".join(
-            ATTRIBUTION_OBJECTIVES), lambda v: v in ATTRIBUTION_OBJECTIVES, str, section="attribution"),
-    }
+    checkpoint_name = "attribution_head"
 
     def __init__(self, hidden_size: int = 0, attribution_entropy_coef: float = 0.0, detach_hidden: bool = True,
-                 objective: str = "surrogate", device: torch.device | str = "cpu", **_: Any):
+                 objective: str = "surrogate", attribution_lr: float | None = None,
+                 device: torch.device | str = "cpu", **_: Any):
         super().__init__()
         _check(hidden_size > 0, "the attribution weighter needs the model's hidden_size")
         self.head = AttributionHead(hidden_size).to(device)
         self.entropy_coef = attribution_entropy_coef
         self.detach_hidden = detach_hidden
         self.objective = objective
+        self.learning_rate = attribution_lr
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:
         scores = self.head.scores(batch.hidden)
@@ -411,11 +388,8 @@ class AttributionWeighter(TokenWeighter):
 
 
 def build_weighter(name: str, **params: Any) -> TokenWeighter:
-    """A weighter by registered name; each takes its declared parameters (checked here) and ignores the rest."""
-    if name not in WEIGHTERS:
-        raise ValueError(f"unknown mitigation {name!r}; valid: {', '.join(sorted(WEIGHTERS))}")
-    own = {k: v for k, v in params.items() if k in WEIGHTERS[name].params}
-    problems = check_params(own)
-    if problems:
-        raise ValueError("; ".join(problems))
-    return WEIGHTERS[name](**params)
+    """A weighter by registered name, with its declared keys from `params` (checked; the defaults where absent)
+    and what the loop supplies (`hidden_size`, `device`); it ignores the rest."""
+    weighter = WEIGHTERS.get(name)(**{**params, **WEIGHTERS.bind(name, params)})
+    weighter.name = name
+    return weighter

@@ -4,7 +4,8 @@ Reads the public layout from a local path (no download): a `.jsonl` or `.parquet
 holding such files (the openai/gsm8k dataset repo has `main/train-*.parquet` and `main/test-*.parquet`; the
 original release has `train.jsonl` and `test.jsonl`). Every row has `question` and `answer`, and the final
 answer follows `####` at the end of `answer`. The reward is the exact numeric match of the completion's
-`<answer>` against it, with a format reward for the tags, parsed without eval.
+`<answer>` against it, with a format reward for the tags, parsed without eval. `GSM8KTask` is
+``data.task=gsm8k``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
-from countdown_task import DatasetError, extract_answer, format_reward_function
+from countdown_task import DatasetError, extract_answer, format_reward_function, split_dataset
+from tasks import TASKS, Task
 from tokenizer import chat_prompt
 
 HOW_TO_GET = ("obtain it with `git clone https://huggingface.co/datasets/openai/gsm8k` (needs git-lfs) and point "
@@ -138,3 +141,20 @@ def reference_completion(problem: GSM8KProblem) -> str:
     """The dataset's worked solution in the answer format (its <<48/2=24>> calculator notes removed)."""
     worked = re.sub(r"<<[^>]*>>", "", problem.solution)
     return f"{worked}</think>\n<answer>{problem.answer}</answer>"
+
+
+@TASKS.register("gsm8k")
+class GSM8KTask(Task):
+    def load(self) -> tuple[list[Any], list[Any]]:
+        d = self.config.data
+        train, test = load_gsm8k(d.path)
+        return (train, test) if test else split_dataset(train, int(d.test_size) if d.test_size >= 1 else d.test_size)
+
+    def prompt(self, problem: GSM8KProblem) -> str:
+        return build_prompt(problem, self.config.data.prompt_style)
+
+    def reward(self, problem: GSM8KProblem, completion: str) -> dict:
+        return reward_function(completion, problem)
+
+    def reference_completion(self, problem: GSM8KProblem) -> str:
+        return reference_completion(problem)

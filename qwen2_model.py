@@ -42,7 +42,7 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 # Keys some older checkpoints carry that hold nothing we need (RoPE frequencies are recomputed).
 IGNORED_KEY_PATTERN = re.compile(r".*rotary_emb\.inv_freq$")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # config.model.dtype
 
 
 class CheckpointError(ValueError):

@@ -388,43 +388,7 @@ class _Outputs:
                              [r[:k] for r, k in zip(ents, lengths)], self.finished.tolist())
 
 
-# ============================================================================ sampling (entry points; the engine is rollout.py)
-
-
-SampleOutput = RolloutOutput  # tokens, log_probs, entropies, finished per row
-
-
-def _stream(seed: int | None, generator: torch.Generator | None) -> int:
-    """The noise stream of a call: from `seed`, else drawn from `generator` (so a seeded generator still
-    gives reproducible calls), else fixed."""
-    if seed is not None:
-        return stream_key(seed)
-    if generator is not None:
-        return stream_key(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    return stream_key(0)
-
-
-def sample(
-    model: torch.nn.Module,
-    prompt_token_ids: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    eos_token_id: int | Sequence[int],
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    pad_token_id: int = 0,
-) -> SampleOutput:
-    """Completions of prompts of different lengths, with log-probs and entropies (the rollout engine,
-    rollout.py). Each row is keyed by its index: identical prompts still draw independent samples."""
-    n = len(prompt_token_ids)
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    engine = RolloutEngine(model)
-    try:
-        keys = row_keys(_stream(seed, generator), range(n), [0] * n)
-        return engine.generate(prompt_token_ids, keys, 1, max_new_tokens, eos, temperature, top_p, pad_token_id)
-    finally:
-        engine.release()
+# ============================================================================ entry points
 
 
 def generate(
@@ -434,23 +398,30 @@ def generate(
     eos_token_id: int | Sequence[int],
     temperature: float = 1.0,
     top_p: float = 1.0,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     pad_token_id: int = 0,
-) -> list[list[int]]:
-    """Each prompt's completion: new tokens up to and including the first end token."""
-    return sample(
-        model, prompt_token_ids, max_new_tokens, eos_token_id, temperature, top_p, seed, generator, pad_token_id
-    ).tokens
+) -> RolloutOutput:
+    """Completions of prompts of different lengths (new tokens up to and including the first end token), with
+    log-probs and entropies. Each row is keyed by (seed, its index): identical prompts still draw independent
+    samples, and the same call always draws the same ones."""
+    n = len(prompt_token_ids)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    engine = RolloutEngine(model)
+    try:
+        keys = row_keys(stream_key(seed), range(n), [0] * n)
+        return engine.generate(prompt_token_ids, keys, 1, max_new_tokens, eos, temperature, top_p, pad_token_id)
+    finally:
+        engine.release()
 
 
-def section_start(tokenizer: Any, token_ids: Sequence[int], text: str, tag: str = "<answer>") -> int | None:
-    """Index of the first token whose text overlaps `tag`'s first occurrence in the decoded completion.
+def section_start(tokenizer: Any, token_ids: Sequence[int], text: str, tag: str | None) -> int | None:
+    """Index of the first token whose text overlaps `tag`'s first occurrence in the decoded completion (None:
+    no tag in the text, or no tag at all).
 
     Works whether the tag is one token (a char-level vocabulary) or split over several (Qwen's BPE);
     binary search over prefix decodes keeps it O(n log n).
     """
-    char_start = text.find(tag)
+    char_start = -1 if tag is None else text.find(tag)
     if char_start < 0:
         return None
     lo, hi = 0, len(token_ids) - 1
@@ -473,23 +444,23 @@ def rollout(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
     batch_size: int | None = None,
     *,
-    stream: int | None = None,
+    stream: int = 0,
     question_ids: Sequence[int] | None = None,
     engine: RolloutEngine | None = None,
+    answer_tag: str | None = "<answer>",
 ) -> list[Episode]:
     """Sample `num_answers_per_question` completions per question and score them.
 
     Episodes come back group-major: episodes[q * group_size + j] is answer j to question q. Row (q, j) is
-    keyed by (stream, question_ids[q], j) (rollout.py), so the same call always samples the same tokens
-    however it is batched. `stream` defaults to one drawn from `generator`. `batch_size` caps the rows per
-    engine call. `reward_fn(problem, completion_text)` returns {"reward": float, "reward_info": {...}}.
+    keyed by (stream, question_ids[q], j), so the same call always samples the same tokens however it is
+    batched. `batch_size` caps the rows per engine call. `reward_fn(problem, completion_text)` returns
+    {"reward": float, "reward_info": {...}}; `answer_tag` marks where each completion's answer section starts
+    (the task's, Episode.answer_start).
     """
     g = num_answers_per_question
     qids = list(range(len(prompts))) if question_ids is None else list(question_ids)
-    stream = _stream(None, generator) if stream is None else stream
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     engine = engine or RolloutEngine(model)
     per_call = max(1, (batch_size or len(prompts) * g) // g)
@@ -510,6 +481,17 @@ def rollout(
             prompt=prompts[q], prompt_token_ids=prompt_ids[q], generated_token_ids=gen, text=text,
             reward=float(scored["reward"]), reward_info=dict(scored["reward_info"]), finished=finished,
             group_idx=q, problem=problems[q], log_probs=log_probs, entropies=entropies,
-            answer_start=section_start(tokenizer, body, text) if body else None,
+            answer_start=section_start(tokenizer, body, text, answer_tag) if body else None,
         ))
     return episodes
+
+
+def reference_episode(tokenizer: Any, problem: Any, prompt: str, text: str, scored: dict, group_idx: int,
+                      answer_tag: str | None = "<answer>") -> Episode:
+    """A given completion `text` (a task's reference solution) as a finished episode, scored by `scored`; it
+    has no rollout log-probs (the update recomputes them)."""
+    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    return Episode(prompt=prompt, prompt_token_ids=tokenizer.encode(prompt), generated_token_ids=ids, text=text,
+                   reward=float(scored["reward"]), reward_info=dict(scored["reward_info"]), finished=True,
+                   group_idx=group_idx, problem=problem,
+                   answer_start=section_start(tokenizer, ids[:-1], text, answer_tag))

@@ -1,11 +1,11 @@
-"""The built-in tiny default: a ~1M-parameter, character-level Qwen2 that learns Countdown's format on CPU.
+"""The built-in tiny default: a ~1M-parameter, character-level Qwen2 warmed up on a task's solutions on CPU.
 
 No Hugging Face download is needed: `build_tiny_model` makes a character tokenizer (the tags `<think>`,
 `</think>`, `<answer>`, `</answer>` and Qwen's special tokens are single tokens), a small Qwen2 config,
-and warms the model up with teacher forcing on solver traces such as
-`55-46=9, 9+13=22</think>\n<answer>(55-46)+13</answer>`, then writes an ordinary HF model directory
-(config.json, model.safetensors, tokenizer.json). From there on it goes through exactly the code paths
-of a real checkpoint.
+and warms the model up with teacher forcing on (prompt, completion) examples that the task draws (the
+Countdown task's solver traces, such as `55-46=9, 9+13=22</think>\n<answer>(55-46)+13</answer>`), then writes
+an ordinary HF model directory (config.json, model.safetensors, tokenizer.json). From there on it goes
+through exactly the code paths of a real checkpoint.
 
 The warm-up is deliberately short (`tiny.warmup_steps`): the model learns the format and the easy cases,
 but solves well under half of the held-out problems, which leaves GRPO something to learn.
@@ -20,26 +20,22 @@ import random
 import string
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-import countdown_task as task
 from fileio import atomic_write_dir
 from qwen2_model import ModelConfig, Transformer
+from config import TinySettings
 from tokenizer import Tokenizer, build_char_tokenizer, save_char_tokenizer
-
-if TYPE_CHECKING:
-    from config import Config
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
 ALPHABET = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")  # printable ASCII + space + newline
 EOS_TOKEN = "<|endoftext|>"
 
 
-def tiny_config(config: Config, vocab_size: int) -> ModelConfig:
-    s = config.tiny
+def tiny_config(s: TinySettings, vocab_size: int) -> ModelConfig:
     return ModelConfig(
         model_type="qwen2", vocab_size=vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
         num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
@@ -47,19 +43,6 @@ def tiny_config(config: Config, vocab_size: int) -> ModelConfig:
         max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6, attention_bias=True,
         use_qk_norm=False, tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, torch_dtype="float32",
     )
-
-
-def sft_example(problem: task.CountdownProblem, tokenizer: Tokenizer, style: str,
-                rng: random.Random | None = None) -> tuple[list[int], int] | None:
-    """(prompt + solver trace + eos token ids, prompt length), or None when the problem has no solution.
-    With `rng` the trace is a random one of the problem's solutions: a model warmed up on varied traces
-    keeps more entropy at its choice points, which is what GRPO explores."""
-    solution = task.solve(problem.numbers, problem.target, rng)
-    if solution is None:
-        return None
-    prompt = tokenizer.encode(task.build_prompt(problem, style))
-    completion = tokenizer.encode(task.format_trace(solution)) + [tokenizer.eos_token_id]
-    return prompt + completion, len(prompt)
 
 
 def sft_loss(model: Transformer, batch: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
@@ -75,11 +58,15 @@ def sft_loss(model: Transformer, batch: list[tuple[list[int], int]], pad_id: int
     return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
 
 
-def build_tiny_model(config: Config, out_dir: str | Path, train_set: list[task.CountdownProblem]) -> Path:
-    """Make the tokenizer and model, run the supervised warm-up on `train_set` (the run's training split, so
-    the eval problems stay unseen), and write the model directory atomically."""
+# An example for the warm-up: (prompt text, completion text without the end token), drawn with the given rng
+DrawExample = Callable[[random.Random], tuple[str, str]]
+
+
+def build_tiny_model(s: TinySettings, out_dir: str | Path, draw_example: DrawExample, num_problems: int) -> Path:
+    """Make the tokenizer and model, run the supervised warm-up on examples from `draw_example` (a task draws
+    them from its training split, so the eval problems stay unseen; `num_problems` is recorded), and write
+    the model directory atomically."""
     out_dir = Path(out_dir)
-    s = config.tiny
     print(f"[tiny] {out_dir} not found: building the built-in tiny model there (one-time, cached; "
           f"{s.warmup_steps} warm-up steps on solver traces)")
     t_start = time.perf_counter()
@@ -90,10 +77,9 @@ def build_tiny_model(config: Config, out_dir: str | Path, train_set: list[task.C
     staging = out_dir.with_name(out_dir.name + ".tokenizer")
     save_char_tokenizer(backend, staging, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
     tokenizer = Tokenizer(staging)
-    model = Transformer.from_config(tiny_config(config, tokenizer.vocab_size), dtype=torch.float32)
+    model = Transformer.from_config(tiny_config(s, tokenizer.vocab_size), dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
 
-    problems = [p for p in train_set[: s.num_train_problems] if task.solve(p.numbers, p.target) is not None]
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.warmup_lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, s.warmup_steps // 20)
 
@@ -103,14 +89,18 @@ def build_tiny_model(config: Config, out_dir: str | Path, train_set: list[task.C
         frac = (step - warm) / max(1, s.warmup_steps - warm)
         return s.warmup_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    def example() -> tuple[list[int], int]:  # (prompt + completion + end token ids, prompt length)
+        prompt, completion = draw_example(rng)
+        ids = tokenizer.encode(prompt)
+        return ids + tokenizer.encode(completion) + [tokenizer.eos_token_id], len(ids)
+
     model.train()
     losses = []
     bar = tqdm(range(s.warmup_steps), desc=f"[tiny] warm-up ({n_params / 1e6:.2f}M params)")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        batch = [sft_example(problems[rng.randrange(len(problems))], tokenizer, config.data.prompt_style,
-                             rng if s.varied_traces else None) for _ in range(s.warmup_batch_size)]
+        batch = [example() for _ in range(s.warmup_batch_size)]
         loss = sft_loss(model, batch, tokenizer.pad_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,7 +116,7 @@ def build_tiny_model(config: Config, out_dir: str | Path, train_set: list[task.C
             (tmp / name).write_bytes((staging / name).read_bytes())
         (tmp / "warmup.json").write_text(json.dumps({
             "params": n_params, "steps": s.warmup_steps, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-            "seconds": time.perf_counter() - t_start, "problems": len(problems), "seed": s.seed,
+            "seconds": time.perf_counter() - t_start, "problems": num_problems, "seed": s.seed,
         }, indent=2))
 
     atomic_write_dir(out_dir, write, "the tiny model")

@@ -1,19 +1,21 @@
-"""Train a policy with GRPO on Countdown.
+"""Train a policy with GRPO on the configured task (data.task: countdown, bandit, gsm8k, or one of your own).
 
-    python train.py --config config.yaml [section.key=value ...] [--resume [CHECKPOINT]]
+    python train.py --config config.yaml [section.key=value ...] [--resume [CHECKPOINT]] [--import MODULE]
     torchrun --nproc_per_node N train.py --config config.yaml [distributed.strategy=ddp|fsdp] ...
 
 Every config key can be overridden with a dotted path, e.g. `training.max_steps=20
-algorithm.adv_estimator=softmax algorithm.tau=0.5`; unknown keys are an error.
+algorithm.adv_estimator=softmax algorithm.tau=0.5`; unknown keys are an error. `--import my_parts` imports
+your module first, so the advantage functions, policy losses, weighters and tasks it registers can be named.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from config import ConfigError, load_config
+from config import ConfigError
 
 
 def build_parser(description: str = __doc__, default_config: str = "config_tiny.yaml") -> argparse.ArgumentParser:
@@ -21,15 +23,28 @@ def build_parser(description: str = __doc__, default_config: str = "config_tiny.
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue from the newest checkpoint in training.ckpt_dir, or from CHECKPOINT")
+    parser.add_argument("--import", action="append", default=[], dest="imports", metavar="MODULE",
+                        help="import MODULE first: the parts it registers can then be named in the config")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser
 
 
-def run(config_path: str, overrides: list[str], resume: str | bool | None) -> int:
+def load(config_path: str, overrides: list[str], imports: list[str]):
+    """The validated config (parts.load_config), after importing `imports`; None after printing the error."""
+    for name in imports:
+        importlib.import_module(name)
+    from parts import load_config
+
     try:
-        config = load_config(config_path, overrides)
+        return load_config(config_path, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return None
+
+
+def run(config_path: str, overrides: list[str], resume: str | bool | None, imports: list[str] = ()) -> int:
+    config = load(config_path, overrides, list(imports))
+    if config is None:
         return 2
     # imported after validation: config errors come before any model loads
     from countdown_task import DatasetError
@@ -53,7 +68,7 @@ def run(config_path: str, overrides: list[str], resume: str | bool | None) -> in
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(args.config, args.overrides, args.resume)
+    return run(args.config, args.overrides, args.resume, args.imports)
 
 
 def exit_process(code: int) -> None:

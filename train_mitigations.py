@@ -11,16 +11,26 @@ config's own log/checkpoint/credit directories).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from typing import Any
 from pathlib import PurePosixPath
+from typing import Any
 
-from grpo_mitigations import WEIGHTERS, weighter_params
-from train import build_parser, exit_process, run
+from config import Param
+from grpo_mitigations import WEIGHTERS
+from train import build_parser, exit_process, load, run
+
+
+def weighter_params() -> dict[str, tuple[str, Param]]:
+    """Every key the weighters declare: name -> (the first weighter that declares it, its Param)."""
+    out: dict[str, tuple[str, Param]] = {}
+    for owner in WEIGHTERS:
+        for name, p in WEIGHTERS.params(owner).items():
+            out.setdefault(name, (owner, p))
+    return out
+
 
 def mitigation_flags() -> dict[str, str]:
-    """--flag -> help text, from the parameters each weighter declares (grpo_mitigations.Param)."""
+    """--flag -> help text, from the keys each weighter declares (config.Param)."""
     return {name: f"{owner}: {p.help}" + ("" if p.default is None else f" (default {p.default})")
             for name, (owner, p) in weighter_params().items()}
 
@@ -51,21 +61,17 @@ def mitigation_overrides(name: str, flags: dict[str, float | None], log_dir: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__, default_config="config_instrumented.yaml")
-    parser.add_argument("--mitigation", required=True, choices=sorted(WEIGHTERS), help="token weighter")
+    parser.add_argument("--mitigation", required=True, choices=WEIGHTERS.names(), help="token weighter")
     flags = mitigation_flags()
     for flag, text in flags.items():
         parser.add_argument(f"--{flag}", type=_flag_type(weighter_params()[flag][1].type), default=None, help=text)
     args = parser.parse_args(argv)
-    from config import ConfigError, load_config
-
-    try:  # read the config once to know where its outputs would go
-        base = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    base = load(args.config, args.overrides, args.imports)  # read once to know where its outputs would go
+    if base is None:
         return 2
     values = {k: getattr(args, k) for k in flags}
     extra = mitigation_overrides(args.mitigation, values, base.training.log_dir, base.credit.dir, base.training.ckpt_dir)
-    return run(args.config, list(args.overrides) + extra, args.resume)
+    return run(args.config, list(args.overrides) + extra, args.resume, args.imports)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
 """The one training loop: rollout -> rewards -> advantages -> token weights -> loss -> step, with logging
 (TensorBoard, metrics.jsonl, the credit logger), evaluation, checkpoints and resume.
 
-Front ends (`train.py`, `train_mitigations.py`, `run_experiment.py`) only build a `Config` and call
-`train(config)`. The task (dataset, prompt, reward, solver) comes from `tasks.py`, selected by `data.task`.
-`train` reads as its steps: `setup`, then per step `collect_groups` -> `inject_references` -> `select_and_advantage`
--> `apply_update` -> `finish_step`.
+Front ends (`train.py`, `train_mitigations.py`, `run_experiment.py`) only build a `Config` (parts.load_config)
+and call `train(config)`. `setup` builds a `Run`; each step then calls into one room at a time, handing it what
+it needs: the rollout (`collect_groups`, rollout.py), the task (`inject_references`), the algorithm
+(`select_and_advantage`, grpo.py), the update (`apply_update`, update.py), then evaluation and the logs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -28,19 +27,17 @@ import grpo
 import rollout
 import update
 from checkpoint import latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint
-from config import Config, weighter_values
+from config import Config, TrainingSettings
 from credit_logger import CreditLogger, step_files
 from data_types import Episode
 from distributed import Dist
-from fileio import atomic_write_text
-from grpo_mitigations import TokenWeighter, build_weighter
+from grpo_mitigations import WEIGHTERS, TokenWeighter, build_weighter
+from metrics_log import MetricsLog, NullLog
 from optimizer import build_optimizer
-from qwen2_model import Transformer
+from qwen2_model import DTYPES, Transformer
 from rollout import RolloutEngine, stream_key
 from tasks import Task, build_task
 from tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class NonFiniteError(RuntimeError):
@@ -60,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# ============================================================================ data
+# ============================================================================ data and model
 
 
 class QuestionSampler:
@@ -96,10 +93,8 @@ class QuestionSampler:
 def load_policy(config: Config, device: torch.device, task: Task, train_set: Sequence[Any],
                 checkpoint_dir: Path | None = None) -> tuple[Transformer, Tokenizer]:
     """The policy and its tokenizer: from a training checkpoint when resuming, else from `model.path`
-    (building the task's built-in model there first if asked and missing)."""
-    path = Path(config.model.path) if checkpoint_dir is None else checkpoint_dir
-    if checkpoint_dir is None and config.model.build_tiny and not (path / "config.json").is_file():
-        task.build_model(path, train_set)
+    (the task's built-in model is built there first if asked and missing)."""
+    path = task.model_path(train_set) if checkpoint_dir is None else checkpoint_dir
     model = Transformer.from_pretrained(path, device=device, dtype=DTYPES[config.model.dtype])
     model.gradient_checkpointing = config.model.gradient_checkpointing
     if config.model.compile_update:
@@ -107,177 +102,35 @@ def load_policy(config: Config, device: torch.device, task: Task, train_set: Seq
     return model, Tokenizer(path)
 
 
-def reference_episode(task: Task, problem: Any, prompt: str, tokenizer: Tokenizer, group_idx: int,
-                      cache: dict) -> Episode | None:
-    """The task's reference completion as an episode (no rollout log-probs), scored by the task's reward;
-    None when the task has no solution for it. Solver results are cached per problem."""
-    if problem not in cache:
-        cache[problem] = task.reference_completion(problem)
-    text = cache[problem]
-    if text is None:
-        return None
-    scored = task.reward(problem, text)
-    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
-    return Episode(prompt=prompt, prompt_token_ids=tokenizer.encode(prompt), generated_token_ids=ids, text=text,
-                   reward=float(scored["reward"]), reward_info=dict(scored["reward_info"]), finished=True,
-                   group_idx=group_idx, problem=problem, answer_start=rollout.section_start(tokenizer, ids[:-1], text))
-
-
-# ============================================================================ rollouts and evaluation
-
-
-def sharded_rollout(model: Transformer, dist: Dist, problems: Sequence[Any], prompts: Sequence[str],
-                    question_ids: Sequence[int], **kwargs: Any) -> list[Episode]:
-    """`rollout.rollout` of this rank's contiguous shard of the questions, gathered in rank order: every rank
-    gets exactly what one process would have sampled (the noise is keyed by question id, not batch position)."""
-    part = distributed.shard(len(problems), dist)
-    with distributed.full_weights(model, dist):
-        mine = rollout.rollout(model, problems=[problems[i] for i in part], prompts=[prompts[i] for i in part],
-                            question_ids=[question_ids[i] for i in part], **kwargs)
-    return distributed.gather(mine, dist)
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, tokenizer: Tokenizer, task: Task, problems: Sequence[Any], config: Config,
-             name: str = "eval", engine: RolloutEngine | None = None, dist: Dist = Dist()) -> dict[str, float]:
-    """Success rate on a fixed problem set, one sample per problem, with the same sampling noise every time.
-    Keys are `success_rate/{name}`, `format_reward/{name}`, ... and `success_rate/{name}_{group}` per the
-    task's eval groups (e.g. 3- and 4-number Countdown problems)."""
-    e, t = config.eval, config.training
-    temperature = t.temperature if e.temperature is None else e.temperature
-    model.eval()  # the same noise at every evaluation: keyed by (eval seed, set name, problem index)
-    stream = stream_key(e.seed, *name.encode())
-    episodes = sharded_rollout(model, dist, problems, [task.prompt(p) for p in problems], range(len(problems)),
-                               tokenizer=tokenizer, reward_fn=task.reward, num_answers_per_question=1,
-                               max_new_tokens=t.max_new_tokens, temperature=temperature, top_p=t.top_p,
-                               batch_size=e.batch_size, stream=stream, engine=engine)
-    solved = np.array([ep.reward_info["answer_reward"] == 1.0 for ep in episodes], dtype=float)
-    out = {
-        f"success_rate/{name}": float(solved.mean()),
-        f"format_reward/{name}": float(np.mean([ep.reward_info["format_reward"] for ep in episodes])),
-        f"response_length/{name}": float(np.mean([len(ep.generated_token_ids) for ep in episodes])),
-    }
-    groups = np.array([task.eval_group(p) or "" for p in problems])
-    for label in sorted(set(groups.tolist()) - {""}):
-        out[f"success_rate/{name}_{label}"] = float(solved[groups == label].mean())
-    return out
-
-
-# ============================================================================ logging
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object per step, rewritten atomically) and TensorBoard scalars/text."""
-
-    def __init__(self, log_dir: Path, resume_step: int | None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path = log_dir / "metrics.jsonl"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.lines: list[str] = []
-        if resume_step is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():  # drop steps the resumed run will redo
-                try:
-                    if json.loads(line).get("step", math.inf) <= resume_step:
-                        self.lines.append(line)
-                except json.JSONDecodeError:
-                    pass
-        self.writer = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(k, v, step)
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
-        self.lines.append(json.dumps({"step": step, **clean}))
-        atomic_write_text(self.path, "\n".join(self.lines) + "\n", "metrics.jsonl")
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(tag, text, step)
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
-class NullLog(MetricsLog):
-    """What ranks other than 0 log to: nothing (rank 0 writes TensorBoard and metrics.jsonl)."""
-
-    def __init__(self) -> None:  # noqa: D107 - no files
-        pass
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[dict[str, bool]]:
-    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and exits. A second SIGINT aborts."""
-    flag = {"stop": False}
-    previous = {}
-
-    def handler(signum: int, _frame: Any) -> None:
-        if flag["stop"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        print(f"\n[signal] {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint")
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: no handlers, the loop still runs
-            pass
-    try:
-        yield flag
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-# ============================================================================ the loop
-
-
-@dataclass
-class TrainResult:
-    step: int
-    metrics: dict[str, float]
-    checkpoint: Path | None
-    stopped_by_signal: bool = False
-    rank: int = 0  # under torchrun: this process's rank (only rank 0 reports)
+# ============================================================================ the run
 
 
 @dataclass
 class Run:
-    """Everything one training run carries from step to step."""
+    """Everything one training run carries from step to step (`setup` builds it)."""
 
     config: Config
     task: Task
-    device: torch.device
+    device: torch.device  # this rank's
     train_set: list[Any]
-    eval_sets: dict[str, list[Any]]
+    eval_sets: dict[str, list[Any]]  # by name: "eval" (the held-out split) and the task's extra sets
     model: Transformer
     tokenizer: Tokenizer
-    ref_model: Transformer | None
-    weighter: TokenWeighter
-    optimizer: torch.optim.Optimizer
-    base_lrs: list[float]
-    generator: torch.Generator
+    engine: RolloutEngine  # the rollout engine, its KV cache reused across rollouts
     sampler: QuestionSampler
-    credit: CreditLogger | None
+    optimizer: torch.optim.Optimizer
+    weighter: TokenWeighter
+    update_settings: update.UpdateSettings
+    objective: update.Objective
     metrics_log: MetricsLog
-    update_cfg: update.UpdateConfig
-    start_step: int
-    tokenizer_dir: Path
-    engine: RolloutEngine | None = None  # the rollout engine, its KV cache reused across rollouts
+    tokenizer_dir: Path  # copied into every checkpoint
+    train_model: torch.nn.Module  # what the update calls: the model, or DDP / FSDP2 around it
+    ref_model: Transformer | None = None  # the frozen initial policy, for the KL term
+    credit: CreditLogger | None = None
     dist: Dist = field(default_factory=Dist)  # this process's rank under torchrun (world size 1 otherwise)
-    train_model: torch.nn.Module | None = None  # what the update calls: the model, or DDP around it
-    reference_cache: dict = field(default_factory=dict)
+    base_lrs: list[float] = field(default_factory=list)  # each parameter group's learning rate before warm-up
+    start_step: int = 0
+    reference_cache: dict = field(default_factory=dict)  # the task's reference completion of each problem
     nonfinite_in_a_row: int = 0
     last_ckpt: Path | None = None
 
@@ -300,7 +153,7 @@ def resolve_resume(config: Config, resume: str | bool | None) -> Path | None:
     return None
 
 
-def _seed_everything(t: Any) -> None:
+def _seed_everything(t: TrainingSettings) -> None:
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if t.deterministic:
@@ -310,21 +163,18 @@ def _seed_everything(t: Any) -> None:
     np.random.seed(t.seed % 2**32)
 
 
-def update_config(config: Config, tokenizer: Tokenizer) -> update.UpdateConfig:
-    t, a = config.training, config.algorithm
-    return update.UpdateConfig(
-        micro_batch_size=t.micro_batch_size, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-        share_prompts=t.share_prompts,
-        loss_agg_mode=a.loss_agg_mode, max_len=t.max_new_tokens,
-        max_grad_norm=t.max_grad_norm, policy_loss=a.policy_loss, old_log_probs=a.old_log_probs,
-        num_iterations=a.num_iterations, epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high,
-        clip_ratio_c=a.clip_ratio_c, beta=a.beta, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-        teacher_forcing_coef=a.teacher_forcing_coef, pad_token_id=tokenizer.pad_token_id, progress=True)
+def _optimizer(model: Transformer, weighter: TokenWeighter, t: TrainingSettings) -> torch.optim.Optimizer:
+    """AdamW over the policy and, in a group of its own, a learned weighter's parameters."""
+    groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if weighter.parameters():
+        groups.append({"params": weighter.parameters(), "lr": weighter.learning_rate or t.learning_rate})
+    return build_optimizer(groups, t.optimizer, lr=t.learning_rate, betas=tuple(t.betas), eps=t.adam_eps,
+                           weight_decay=t.weight_decay)
 
 
 def setup(config: Config, resume: str | bool | None) -> Run:
     """Data, model, weighter, optimizer, logging; restored from a checkpoint when resuming."""
-    t, m = config.training, config.mitigation
+    t = config.training
     _seed_everything(t)
     device = resolve_device(config.model.device)
     dist = distributed.init(device, config.distributed.strategy)
@@ -342,37 +192,35 @@ def setup(config: Config, resume: str | bool | None) -> Run:
     if config.algorithm.beta > 0:  # the frozen initial policy
         ref_model = Transformer.from_pretrained(config.model.path, device=device, dtype=DTYPES[config.model.dtype])
         ref_model.requires_grad_(False).eval()
-    weighter = build_weighter(m.name, hidden_size=model.config.hidden_size, device=device, **weighter_values(config))
-    param_groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    if weighter.parameters():
-        param_groups.append({"params": weighter.parameters(), "lr": m.attribution_lr or t.learning_rate})
-    optimizer = build_optimizer(param_groups, t.optimizer, lr=t.learning_rate, betas=tuple(t.betas),
-                                eps=t.adam_eps, weight_decay=t.weight_decay)
-    credit = (CreditLogger(config.credit.dir, config.credit.credit_save_interval, m.name)
-              if config.credit.enabled and dist.is_main else None)  # rank 0 logs the gathered tokens
-    run = Run(config, task, device, train_set, {"eval": test_set[: config.eval.num_problems], **task.extra_eval_sets()},
-              model, tokenizer, ref_model, weighter, optimizer, [g["lr"] for g in optimizer.param_groups],
-              torch.Generator(device=device).manual_seed(t.seed), QuestionSampler(len(train_set), t.seed), credit,
-              None, update_config(config, tokenizer), 0, resume_path or Path(config.model.path))  # type: ignore[arg-type]
-    run.engine = RolloutEngine(model, compile=config.model.compile_decode,
-                               keep_cache=not config.model.release_rollout_cache)
-    run.dist, run.train_model = dist, train_model
+    weighter = build_weighter(config.mitigation.name, hidden_size=model.config.hidden_size, device=device,
+                              **WEIGHTERS.values(config.mitigation.name, config))
+    optimizer = _optimizer(model, weighter, t)
+    run = Run(
+        config=config, task=task, device=device, train_set=train_set,
+        eval_sets={"eval": test_set[: config.eval.num_problems], **task.extra_eval_sets()},
+        model=model, tokenizer=tokenizer,
+        engine=RolloutEngine(model, compile=config.model.compile_decode,
+                             keep_cache=not config.model.release_rollout_cache),
+        sampler=QuestionSampler(len(train_set), t.seed), optimizer=optimizer, weighter=weighter,
+        update_settings=update.UpdateSettings.from_config(config, tokenizer.pad_token_id),
+        objective=grpo.configured_objective(config), metrics_log=NullLog(),
+        tokenizer_dir=resume_path or Path(config.model.path), train_model=train_model, ref_model=ref_model,
+        credit=(CreditLogger(config.credit.dir, config.credit.credit_save_interval, config.mitigation.name)
+                if config.credit.enabled and dist.is_main else None),  # rank 0 logs the gathered tokens
+        dist=dist, base_lrs=[g["lr"] for g in optimizer.param_groups])
     if resume_path is not None:
         _restore(run, resume_path)
-    if dist.is_main:
+    if dist.is_main:  # rank 0 writes TensorBoard and metrics.jsonl
         run.metrics_log = MetricsLog(Path(t.log_dir), run.start_step if resume_path is not None else None)
         (Path(t.log_dir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    else:
-        run.metrics_log = NullLog()
     return run
 
 
 def _restore(run: Run, path: Path) -> None:
     state = read_checkpoint(path)
-    extras = load_training_state(path, run.optimizer, run.generator,
-                                 distributed.load_full_optimizer_state if run.dist.fsdp else None)
-    if "attribution_head" in extras:
-        run.weighter.load_state_dict(extras["attribution_head"])
+    files = load_training_state(path, run.optimizer,
+                                distributed.load_full_optimizer_state if run.dist.fsdp else None)
+    run.weighter.load_checkpoint_state(files)
     run.sampler.load_state_dict(state.trainer_state["sampler"])
     if run.credit is not None and "credit" in state.trainer_state:
         run.credit.load_state_dict(state.trainer_state["credit"], state.step)
@@ -404,23 +252,63 @@ def _write_checkpoint(run: Run, step: int, model_state: dict | None, optimizer_s
                      "tau": grpo.tau_at_step(step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)}
     if run.credit is not None:
         trainer_state["credit"] = run.credit.state_dict()
-    run.last_ckpt = save_checkpoint(t.ckpt_dir, step, run.model, run.optimizer, trainer_state, run.generator,
-                                    tokenizer_dir=run.tokenizer_dir,
-                                    extra_tensors={"attribution_head": run.weighter.state_dict()},
+    run.last_ckpt = save_checkpoint(t.ckpt_dir, step, run.model, run.optimizer, trainer_state,
+                                    tokenizer_dir=run.tokenizer_dir, extra_tensors=run.weighter.checkpoint_state(),
                                     keep_last_n=t.keep_last_n, model_state=model_state,
                                     optimizer_state=optimizer_state)
+
+
+# ============================================================================ rollouts and evaluation
+
+
+def sharded_rollout(model: Transformer, dist: Dist, problems: Sequence[Any], prompts: Sequence[str],
+                    question_ids: Sequence[int], **kwargs: Any) -> list[Episode]:
+    """`rollout.rollout` of this rank's contiguous shard of the questions, gathered in rank order: every rank
+    gets exactly what one process would have sampled (the noise is keyed by question id, not batch position)."""
+    part = distributed.shard(len(problems), dist)
+    with distributed.full_weights(model, dist):
+        mine = rollout.rollout(model, problems=[problems[i] for i in part], prompts=[prompts[i] for i in part],
+                               question_ids=[question_ids[i] for i in part], **kwargs)
+    return distributed.gather(mine, dist)
+
+
+@torch.no_grad()
+def evaluate(run: Run, name: str, problems: Sequence[Any]) -> dict[str, float]:
+    """Success rate on a fixed problem set, one sample per problem, with the same sampling noise every time.
+    Keys are `success_rate/{name}`, `format_reward/{name}`, ... and `success_rate/{name}_{group}` per the
+    task's eval groups (e.g. 3- and 4-number Countdown problems)."""
+    e, t, task = run.config.eval, run.config.training, run.task
+    temperature = t.temperature if e.temperature is None else e.temperature
+    run.model.eval()  # the same noise at every evaluation: keyed by (eval seed, set name, problem index)
+    episodes = sharded_rollout(run.model, run.dist, problems, [task.prompt(p) for p in problems], range(len(problems)),
+                               tokenizer=run.tokenizer, reward_fn=task.reward, num_answers_per_question=1,
+                               max_new_tokens=t.max_new_tokens, temperature=temperature, top_p=t.top_p,
+                               batch_size=e.batch_size, stream=stream_key(e.seed, *name.encode()),
+                               engine=run.engine, answer_tag=task.answer_tag)
+    solved = np.array([ep.solved for ep in episodes], dtype=float)
+    out = {
+        f"success_rate/{name}": float(solved.mean()),
+        f"format_reward/{name}": float(np.mean([ep.format_reward for ep in episodes])),
+        f"response_length/{name}": float(np.mean([len(ep.generated_token_ids) for ep in episodes])),
+    }
+    groups = np.array([task.eval_group(p) or "" for p in problems])
+    for label in sorted(set(groups.tolist()) - {""}):
+        out[f"success_rate/{name}_{label}"] = float(solved[groups == label].mean())
+    return out
 
 
 def evaluate_all(run: Run) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, problems in run.eval_sets.items():
-        out.update(evaluate(run.model, run.tokenizer, run.task, problems, run.config, name, run.engine, run.dist))
+        out.update(evaluate(run, name, problems))
     return out
 
 
-def zero_variance(rewards: torch.Tensor) -> torch.Tensor:
-    """[num_groups] bool: groups whose answers all scored the same (no group-relative signal)."""
-    return rewards.double().std(-1, unbiased=False) < 1e-12
+# ============================================================================ one step, room by room
+
+
+def group_rewards(episodes: Sequence[Episode], g: int) -> torch.Tensor:
+    return torch.tensor([e.reward for e in episodes], dtype=torch.float64).view(-1, g)
 
 
 def shape_rewards(episodes: Sequence[Episode], config: Config) -> None:
@@ -433,10 +321,6 @@ def shape_rewards(episodes: Sequence[Episode], config: Config) -> None:
     for e, p in zip(episodes, penalty.tolist()):
         e.reward += p
         e.reward_info["overlong_penalty"] = p
-
-
-def group_rewards(episodes: Sequence[Episode], g: int) -> torch.Tensor:
-    return torch.tensor([e.reward for e in episodes], dtype=torch.float64).view(-1, g)
 
 
 def collect_groups(run: Run, step: int) -> tuple[list[Episode], dict[str, float]]:
@@ -458,9 +342,9 @@ def collect_groups(run: Run, step: int) -> tuple[list[Episode], dict[str, float]
                               tokenizer=run.tokenizer, reward_fn=run.task.reward, num_answers_per_question=g,
                               max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
                               batch_size=t.rollout_batch_size, stream=stream_key(t.seed, step, rounds),
-                              engine=run.engine)
+                              engine=run.engine, answer_tag=run.task.answer_tag)
         shape_rewards(new, run.config)
-        flat = zero_variance(group_rewards(new, g))
+        flat = grpo.zero_variance(group_rewards(new, g))
         drawn, zero_var = drawn + len(problems), zero_var + int(flat.sum())
         if not a.dynamic_sampling:
             episodes = new
@@ -480,37 +364,48 @@ def collect_groups(run: Run, step: int) -> tuple[list[Episode], dict[str, float]
     return episodes, metrics
 
 
-def inject_references(run: Run, episodes: list[Episode]) -> dict[str, float]:
+def reference_episode(task: Task, tokenizer: Tokenizer, problem: Any, prompt: str, group_idx: int,
+                      cache: dict) -> Episode | None:
+    """The task's reference completion as an episode scored by the task's reward; None when the task has no
+    solution for it. Solver results are cached per problem."""
+    if problem not in cache:
+        cache[problem] = task.reference_completion(problem)
+    text = cache[problem]
+    if text is None:
+        return None
+    return rollout.reference_episode(tokenizer, problem, prompt, text, task.reward(problem, text), group_idx,
+                                     task.answer_tag)
+
+
+def inject_references(task: Task, tokenizer: Tokenizer, episodes: list[Episode], group_size: int,
+                      cache: dict) -> dict[str, float]:
     """Teacher forcing into groups: the last sample of each group becomes the task's reference completion
     (scored by the task), so no group is all-wrong. Logs how often it was the group's only correct answer."""
-    g = run.config.training.num_answers_per_question
+    g = group_size
     injected = only = 0
     for q in range(len(episodes) // g):
         last = episodes[(q + 1) * g - 1]
-        ref = reference_episode(run.task, last.problem, last.prompt, run.tokenizer, q, run.reference_cache)
+        ref = reference_episode(task, tokenizer, last.problem, last.prompt, q, cache)
         if ref is None:
             continue
         episodes[(q + 1) * g - 1] = ref
         injected += 1
-        others = [e.reward_info["answer_reward"] == 1.0 for e in episodes[q * g:(q + 1) * g - 1]]
-        only += int(ref.reward_info["answer_reward"] == 1.0 and not any(others))
+        only += int(ref.solved and not any(e.solved for e in episodes[q * g:(q + 1) * g - 1]))
     return {"injection/groups": float(injected), "injection/only_correct_frac": only / max(injected, 1)}
 
 
-def select_and_advantage(run: Run, episodes: list[Episode], step: int
+def select_and_advantage(config: Config, episodes: list[Episode], step: int
                          ) -> tuple[list[Episode], torch.Tensor, torch.Tensor, float]:
     """Group filtering, then advantages: (kept episodes, their flat advantages, [groups, G] advantages, tau)."""
-    t, a = run.config.training, run.config.algorithm
+    t, a = config.training, config.algorithm
     g = t.num_answers_per_question
     rewards = group_rewards(episodes, g)
     top_k = a.rollout_filter_value if a.rollout_filter == "top_k" else None
     keep = grpo.select_groups(rewards, top_k, drop_zero_std=a.zero_variance_groups == "drop")
+    advantages, kept = torch.zeros(0, g), []
     tau = grpo.tau_at_step(step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)
-    advantages = torch.zeros(0, g)
-    kept: list[Episode] = []
     if len(keep):
-        advantages = grpo.compute_advantages(rewards[keep], a.adv_estimator, eps=a.adv_eps, tau=tau,
-                                             soft_reweight=a.soft_reweight, reweight_eps=a.soft_reweight_eps)
+        advantages, tau = grpo.step_advantages(rewards[keep], config, step)
         kept = [episodes[int(q) * g + j] for q in keep for j in range(g)]
     flat_adv = advantages.reshape(-1)
     if t.skip_unfinished_episodes:
@@ -534,9 +429,9 @@ def apply_update(run: Run, step: int, episodes: list[Episode], kept: list[Episod
     if a.teacher_forcing_coef > 0:
         heads = [episodes[q * g] for q in range(len(episodes) // g)]
         teachers = [r for q, e in enumerate(heads)
-                    if (r := reference_episode(run.task, e.problem, e.prompt, run.tokenizer, q, run.reference_cache))]
-    stats = update.update_policy(run.train_model or run.model, run.optimizer, kept, flat_adv, run.update_cfg,
-                               run.weighter, run.ref_model, run.weighter.parameters(), teachers, run.dist)
+                    if (r := reference_episode(run.task, run.tokenizer, e.problem, e.prompt, q, run.reference_cache))]
+    stats = update.update_policy(run.train_model, run.optimizer, kept, flat_adv, run.update_settings, run.objective,
+                                 run.weighter, run.ref_model, teachers, run.dist)
     metrics.update(stats.metrics)
     if not stats.skipped:
         run.nonfinite_in_a_row = 0
@@ -568,8 +463,8 @@ def step_metrics(episodes: Sequence[Episode], kept: Sequence[Episode], advantage
     m = {
         "reward/mean": _mean(rewards),
         "reward/std": float(np.std(rewards)) if rewards else 0.0,
-        "success_rate/train": _mean([e.reward_info["answer_reward"] == 1.0 for e in episodes]),
-        "format_reward/train": _mean([e.reward_info["format_reward"] for e in episodes]),
+        "success_rate/train": _mean([e.solved for e in episodes]),
+        "format_reward/train": _mean([e.format_reward for e in episodes]),
         "response_length": _mean([len(e.generated_token_ids) for e in episodes]),
         "finished_frac": _mean([e.finished for e in episodes]),
         "groups_kept": float(len(kept) / max(len(episodes), 1)),
@@ -589,19 +484,44 @@ def progress_line(step: int, max_steps: int, m: dict[str, float], duration: floa
     return line
 
 
+@contextmanager
+def stop_on_signals() -> Iterator[dict[str, bool]]:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and exits. A second SIGINT aborts."""
+    flag = {"stop": False}
+    previous = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print(f"\n[signal] {signal.Signals(signum).name} received: finishing this step, then saving a checkpoint")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: no handlers, the loop still runs
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def train_step(run: Run, step: int) -> dict[str, float]:
     """One GRPO step: rollout -> (injection) -> filtering and advantages -> update -> metrics."""
     t0 = time.perf_counter()
     run.model.eval()
     episodes, metrics = collect_groups(run, step)
     t_rollout = time.perf_counter() - t0
+    t = run.config.training
     if run.config.algorithm.ground_truth_injection:
-        metrics.update(inject_references(run, episodes))
-    kept, flat_adv, advantages, tau = select_and_advantage(run, episodes, step)
+        metrics.update(inject_references(run.task, run.tokenizer, episodes, t.num_answers_per_question,
+                                         run.reference_cache))
+    kept, flat_adv, advantages, tau = select_and_advantage(run.config, episodes, step)
     metrics.update(step_metrics(episodes, kept, advantages))
     metrics["tau"] = tau
     metrics.update(apply_update(run, step, episodes, kept, flat_adv))
-    t = run.config.training
     metrics.update({"duration/step": time.perf_counter() - t0, "duration/rollout": t_rollout,
                     "tokens_per_s": sum(len(e.generated_token_ids) for e in episodes) / max(t_rollout, 1e-9)})
     if step % t.eval_interval == 0 or step == t.max_steps:
@@ -612,6 +532,15 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     if run.dist.is_main:
         print(progress_line(step, t.max_steps, metrics, time.perf_counter() - t0), flush=True)
     return metrics
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    checkpoint: Path | None
+    stopped_by_signal: bool = False
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 reports)
 
 
 def train(config: Config, resume: str | bool | None = None) -> TrainResult:

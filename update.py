@@ -1,31 +1,104 @@
 """The policy update: completions packed into micro-batches, forwards with per-token statistics, token
-weights, old log-probs, the policy loss from grpo.py, gradient accumulation and sync, clipping and the step.
+weights, old log-probs, the loss (an `Objective` built by grpo.py from its registries), gradient accumulation
+and sync, clipping and the step.
 
 `update_policy` reads as its steps: forward, token weights, old log-probs, policy loss, KL and entropy
-terms, aggregation, backward, clipped step.
+terms, aggregation, backward, clipped step. It is handed everything it needs: the model, the optimizer, the
+episodes and their advantages, how to run (`UpdateSettings`), what to minimize (`Objective`) and the token
+weighter (`Weighter`, grpo_mitigations.py), so it knows no registry and no config section.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from config import Config
 from data_types import Episode, TokenBatch, UpdateStats
 from distributed import (Dist, all_sum, clip_grad_norm, gather, grad_scale, gradient_sync, split_work, sum_gradients,
                          sum_values)
-from grpo import KL_ESTIMATORS, POLICY_LOSSES, aggregate_loss, kl_penalty
 from qwen2_model import SharedPrompts, left_pad
 
+# ============================================================================ what the update is handed
 
-def _chunk_statistics_from_logits(logits: torch.Tensor, targets: torch.Tensor
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log pi(target) and entropy (both with gradient) and the detached logit-gradient norm."""
+
+@dataclass(frozen=True)
+class Objective:
+    """What the update minimizes (grpo.objective builds one): per token policy_loss(log pi, log pi_old, A x w)
+    + beta x kl(log pi, log pi_ref) - entropy_coef x H, reduced by `aggregate`; plus teacher_forcing_coef x
+    the mean NLL of reference completions."""
+
+    policy_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]  # (log_probs, old, adv, mask) [B, T] each
+    aggregate: Callable[..., torch.Tensor]  # (token_loss, mask, total_tokens=, total_seqs=) -> scalar
+    kl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # per token; used when beta > 0
+    beta: float = 0.0
+    entropy_coef: float = 0.0
+    teacher_forcing_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """How the update runs (what it minimizes is the Objective)."""
+
+    micro_batch_size: int = 8
+    max_tokens_per_micro_batch: int | None = None  # also cap each micro-batch's padded tokens
+    # a prompt shared by several completions of a micro-batch (GRPO's groups) runs once, forward and backward
+    share_prompts: bool = True
+    num_iterations: int = 1  # passes over the same batch (each one optimizer step)
+    old_log_probs: str = "recompute"  # recompute: the training forward's before the first step; rollout: the sampler's
+    max_grad_norm: float = 1.0
+    pad_token_id: int = 0
+    # log-probs over chunks of this many tokens, recomputed in the backward: the [b, T, vocab] logits never
+    # exist whole. None: one pass over the full logits.
+    logits_chunk_tokens: int | None = 512
+    # episodes whose loss has exactly zero gradient (zero_gradient_episodes) run their forward without autograd
+    # and skip the backward: the same update, metrics and per-token arrays, for about a third of the cost
+    skip_zero_gradient: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.old_log_probs not in ("recompute", "rollout"):
+            raise ValueError(f"old_log_probs must be 'recompute' or 'rollout', got {self.old_log_probs!r}")
+
+    @classmethod
+    def from_config(cls, config: Config, pad_token_id: int, progress: bool = True) -> UpdateSettings:
+        t, a = config.training, config.algorithm
+        return cls(micro_batch_size=t.micro_batch_size, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+                   share_prompts=t.share_prompts, num_iterations=a.num_iterations, old_log_probs=a.old_log_probs,
+                   max_grad_norm=t.max_grad_norm, pad_token_id=pad_token_id, progress=progress)
+
+
+class Weighter(Protocol):
+    """What the update asks of a token weighter (grpo_mitigations.TokenWeighter implements it)."""
+
+    needs_hidden: bool  # reads the final hidden states (TokenBatch.hidden)
+    needs_last_qk: bool  # reads the last layer's queries and keys over the whole sequence
+    detach_hidden: bool  # its own loss reaches the policy's hidden states only when False
+
+    def begin_batch(self, entropies: list[list[float]]) -> None: ...
+    def weights(self, batch: TokenBatch) -> torch.Tensor: ...
+    def aux_loss(self, batch: TokenBatch, weights: torch.Tensor) -> torch.Tensor | None: ...
+    def parameters(self) -> list[torch.nn.Parameter]: ...
+    def pop_metrics(self, reduce: Callable[[dict[str, float]], dict[str, float]] | None = None
+                    ) -> dict[str, float]: ...
+
+
+# ============================================================================ forwards and per-token statistics
+
+
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From logits [b, T, V] and targets [b, T]: log pi(target) and entropy (both with gradient: the policy loss
+    and the entropy bonus) and ||onehot(target) - p||_2 (detached).
+
+    The last one is the size of d(log pi(y))/d(logits): the true per-token gradient scale at the logits
+    (times |A|), unlike |A x log pi|.
+    """
     logp = torch.log_softmax(logits.float(), dim=-1)
     token_logp = logp.gather(-1, targets[..., None]).squeeze(-1)
     p = logp.exp()
@@ -35,83 +108,25 @@ def _chunk_statistics_from_logits(logits: torch.Tensor, targets: torch.Tensor
     return token_logp, entropy, grad_norm
 
 
-def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From logits [b, T, V] and targets [b, T]: log pi(target), entropy, and ||onehot(target) - p||_2.
-
-    The last one is the size of d(log pi(y))/d(logits): the true per-token gradient scale at the logits
-    (times |A|), unlike |A x log pi|. Entropy and the norm are detached.
-    """
-    token_logp, entropy, grad_norm = _chunk_statistics_from_logits(logits, targets)
-    return token_logp, entropy.detach(), grad_norm
-
-
-def _chunk_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _chunk_statistics_from_logits(hidden @ weight.t(), targets)
+def _head_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return token_statistics(hidden @ weight.t(), targets)
 
 
 def chunked_token_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_statistics` of logits = hidden @ weight.T, computed over chunks of the sequence and recomputed
     in the backward (activation checkpointing), so the [b, T, vocab] logits never exist at once: at Qwen's
-    151,936-token vocabulary one fp32 copy of them for 16 x 256 tokens is 2.3 GiB. Entropy keeps its gradient
-    (for the entropy bonus)."""
+    151,936-token vocabulary one fp32 copy of them for 16 x 256 tokens is 2.3 GiB."""
     step = max(1, chunk_tokens // max(hidden.shape[0], 1))
     parts = []
     for start in range(0, hidden.shape[1], step):
         h, t = hidden[:, start: start + step], targets[:, start: start + step]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            parts.append(checkpoint(_chunk_statistics, h, weight, t, use_reentrant=False))
+            parts.append(checkpoint(_head_statistics, h, weight, t, use_reentrant=False))
         else:
-            parts.append(_chunk_statistics(h, weight, t))
+            parts.append(_head_statistics(h, weight, t))
     return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(3))  # type: ignore[return-value]
-
-
-# ============================================================================ the update
-
-
-@dataclass
-class UpdateConfig:
-    micro_batch_size: int = 8
-    max_tokens_per_micro_batch: int | None = None  # also cap each micro-batch's padded tokens
-    loss_agg_mode: str = "token-mean"
-    max_len: int | None = None  # the generation budget, for seq-mean-token-sum-norm
-    max_grad_norm: float = 1.0
-    policy_loss: str = "pg"  # a POLICY_LOSSES name
-    old_log_probs: str = "recompute"  # recompute: the training forward's before the first step; rollout: the sampler's
-    num_iterations: int = 1  # passes over the same batch (each one optimizer step)
-    epsilon_low: float | None = None  # None: the policy loss's registered default
-    epsilon_high: float | None = None
-    clip_ratio_c: float = 3.0  # dual-clip bound for A < 0
-    beta: float = 0.0  # KL coefficient (needs ref_model)
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    teacher_forcing_coef: float = 0.0
-    # log-probs over chunks of this many tokens, recomputed in the backward: the [b, T, vocab] logits never
-    # exist whole. None: one pass over the full logits.
-    logits_chunk_tokens: int | None = 512
-    # a prompt shared by several completions of a micro-batch (GRPO's groups) runs once, forward and backward
-    share_prompts: bool = True
-    # episodes whose loss has exactly zero gradient (zero_gradient_episodes) run their forward without autograd
-    # and skip the backward: the same update, metrics and per-token arrays, for about a third of the cost
-    skip_zero_gradient: bool = True
-    pad_token_id: int = 0
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"unknown policy_loss {self.policy_loss!r}; valid: {', '.join(sorted(POLICY_LOSSES))}")
-        if self.old_log_probs not in ("recompute", "rollout"):
-            raise ValueError(f"old_log_probs must be 'recompute' or 'rollout', got {self.old_log_probs!r}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {', '.join(sorted(KL_ESTIMATORS))}")
-        low, high = POLICY_LOSSES[self.policy_loss].default_epsilon
-        self.epsilon_low = low if self.epsilon_low is None else self.epsilon_low
-        self.epsilon_high = high if self.epsilon_high is None else self.epsilon_high
-
-    @property
-    def agg_mode(self) -> str:
-        return POLICY_LOSSES[self.policy_loss].loss_agg_mode or self.loss_agg_mode
 
 
 def _pad(rows: Sequence[Sequence[float]], width: int, value: float, dtype: torch.dtype, device: Any) -> torch.Tensor:
@@ -183,7 +198,7 @@ def forward_completions(
     mask = offsets[None, :] < gen_lens[:, None]
     pred_pos = (prompt_lens[:, None] - 1 + offsets[None, :]).clamp(max=width - 1)
     targets = tokens.gather(1, (pred_pos + 1).clamp(max=width - 1)).masked_fill(~mask, 0)
-    return _model_statistics(model, tokens, targets, mask, prompt_lens, chunk_tokens, output_hidden=need_hidden,
+    return _forward_with_statistics(model, tokens, targets, mask, prompt_lens, chunk_tokens, output_hidden=need_hidden,
                              output_last_qk=need_last_qk, logits_positions=pred_pos)
 
 
@@ -195,11 +210,11 @@ def _forward_continuations(model: torch.nn.Module, episodes: Sequence[Episode], 
     mask = torch.arange(int(gen_lens.max()), device=device)[None, :] < gen_lens[:, None]
     targets = _pad([e.generated_token_ids for e in episodes], mask.shape[1], 0, torch.long, device)
     prompt_lens = torch.tensor([len(e.prompt_token_ids) for e in episodes], device=device)
-    return _model_statistics(model, targets, targets, mask, prompt_lens, chunk_tokens, prompts=shared,
+    return _forward_with_statistics(model, targets, targets, mask, prompt_lens, chunk_tokens, prompts=shared,
                              output_hidden=need_hidden)
 
 
-def _model_statistics(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+def _forward_with_statistics(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                       prompt_lens: torch.Tensor, chunk_tokens: int | None, **options: Any) -> CompletionForward:
     """model(tokens, **options), whose outputs are aligned on `targets`, and the per-token statistics: over
     chunks inside the forward (chunked_token_statistics) or from the whole logits."""
@@ -211,9 +226,13 @@ def _model_statistics(model: torch.nn.Module, tokens: torch.Tensor, targets: tor
     out = model(tokens, **options)
     if isinstance(out, torch.Tensor):  # neither hidden states nor q/k were asked for
         return CompletionForward(out, targets, mask, prompt_lens, None, None, None,
-                                 *_chunk_statistics_from_logits(out, targets))
+                                 *token_statistics(out, targets))
     return CompletionForward(out.logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k,
-                             *_chunk_statistics_from_logits(out.logits, targets))
+                             *token_statistics(out.logits, targets))
+
+
+
+# ============================================================================ packing into micro-batches
 
 
 def micro_batches(episodes: Sequence[Episode], max_size: int, max_tokens: int | None = None) -> list[range]:
@@ -270,6 +289,70 @@ def pack_episodes(episodes: Sequence[Episode], size: int, max_tokens: int | None
     return best
 
 
+
+@dataclass(frozen=True)
+class _Unit:
+    """One micro-batch of the update: policy episodes or teacher completions, by index."""
+
+    kind: str  # "policy" | "teacher"
+    index: list[int]  # episode indices (policy micro-batches hold episodes of similar length)
+    key: int  # its position among the policy micro-batches (the old-log-prob cache key)
+    frozen: bool = False  # every episode's loss has zero gradient: forward without autograd, no backward
+
+
+def zero_gradient_episodes(advantages: torch.Tensor, settings: UpdateSettings, objective: Objective,
+                           weighter: Weighter | None = None) -> torch.Tensor:
+    """[B] bool: episodes whose loss contributes exactly zero gradient, so the update can skip their backward.
+
+    Every registered policy loss is A x (something finite) per token, token weights included (a test checks
+    each loss's gradient at A = 0), so an episode with advantage exactly 0 (a GRPO group whose rewards are all
+    equal) adds exact zeros to the gradient, unless a term does not scale with A: the KL penalty, the entropy
+    bonus, or a learned weighter's own loss (its parameters)."""
+    learned = weighter is not None and bool(weighter.parameters())
+    if not settings.skip_zero_gradient or objective.beta > 0 or objective.entropy_coef > 0 or learned:
+        return torch.zeros(len(advantages), dtype=torch.bool)
+    return advantages.detach().cpu() == 0
+
+
+def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], settings: UpdateSettings, d: Dist,
+                share_prompts: bool, frozen: Sequence[bool]) -> list[tuple[_Unit | None, bool]]:
+    """This rank's micro-batches (None = an empty one, to keep ranks in step), each with whether it runs its
+    backward. Episodes are packed in order of length, so a micro-batch pads little (or by group, when the
+    forward shares prompts and that runs fewer tokens); with several ranks the micro-batches are made small
+    enough that each rank gets some. The full-batch normalizers make the gradient the same whatever the packing.
+
+    `frozen` episodes (zero gradient) are packed apart and split over the ranks apart, first: every rank then
+    skips the backward at the same positions (FSDP2 gathers weights in each backward, so ranks must make the
+    same calls). The last position always runs it: the gradient sync, and every gradient exists (zeros when no
+    episode carries any, so AdamW still steps as it would)."""
+    size = settings.micro_batch_size
+    if d.enabled:
+        size = max(1, min(size, math.ceil(len(episodes) / d.world_size)))
+    kinds: list[tuple[list[_Unit], bool]] = []  # (micro-batches, whether they run a backward)
+    key = 0  # numbers the policy micro-batches
+    for is_frozen in (True, False):
+        part = [i for i in range(len(episodes)) if bool(frozen[i]) == is_frozen]
+        packed = pack_episodes([episodes[i] for i in part], size, settings.max_tokens_per_micro_batch,
+                               share_prompts) if part else []
+        kinds.append(([_Unit("policy", [part[j] for j in mb], key + k, is_frozen) for k, mb in enumerate(packed)],
+                      not is_frozen))
+        key += len(packed)
+    if teachers:
+        kinds.append(([_Unit("teacher", list(idx), -1) for idx in
+                       micro_batches(teachers, settings.micro_batch_size, settings.max_tokens_per_micro_batch)],
+                      True))
+    mine: list[tuple[_Unit | None, bool]] = []
+    for units, backward in kinds:
+        part, count = split_work(len(units), d)
+        mine += [(units[i], backward) for i in part] + [(None, backward)] * (count - len(part))
+    if mine:
+        mine[-1] = (mine[-1][0], True)
+    return mine
+
+
+# ============================================================================ one micro-batch's loss
+
+
 @dataclass
 class _BatchTotals:
     """Full-batch normalizers, so micro-batch losses sum exactly to the full-batch loss."""
@@ -279,14 +362,16 @@ class _BatchTotals:
     teacher_tokens: int
 
 
+@dataclass
 class _Sums:
-    """Token-weighted running sums of scalar metrics over the micro-batches of one update."""
+    """Token-weighted running sums of one update's scalar metrics, by (kind, name): "token" for the first
+    pass's per-token statistics, "policy" and "policy_later" for the policy loss's own metrics in the first
+    pass and in the later ones (num_iterations > 1). Summed over ranks at the end, then normalized."""
 
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
+    totals: dict[tuple[str, str], float] = field(default_factory=dict)
 
-    def add(self, name: str, value: float) -> None:
-        self.values[name] = self.values.get(name, 0.0) + value
+    def add(self, kind: str, name: str, value: float) -> None:
+        self.totals[kind, name] = self.totals.get((kind, name), 0.0) + value
 
 
 @dataclass
@@ -303,14 +388,13 @@ class _MicroBatchTokens:
     answer_mask: torch.Tensor  # [b, T]
 
 
-def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any, config: UpdateConfig
-                    ) -> _MicroBatchTokens:
+def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Weighter | None,
+                    settings: UpdateSettings) -> _MicroBatchTokens:
     """Step 1, forward + token statistics: log pi, entropy and the logit-gradient norm of each completion token."""
-    need_hidden = bool(weighter is not None and weighter.needs_hidden)
-    need_qk = bool(weighter is not None and weighter.needs_last_qk)
-    fwd = forward_completions(model, mb, config.pad_token_id, need_hidden, need_qk, config.logits_chunk_tokens,
-                              config.share_prompts)
-    log_probs, entropy, grad_norm = fwd.log_probs, fwd.entropy.detach(), fwd.logit_grad_norm
+    need_hidden = weighter is not None and weighter.needs_hidden
+    need_qk = weighter is not None and weighter.needs_last_qk
+    fwd = forward_completions(model, mb, settings.pad_token_id, need_hidden, need_qk, settings.logits_chunk_tokens,
+                              settings.share_prompts)
     width, device = fwd.mask.shape[1], fwd.mask.device
     rollout_lp = _pad([e.log_probs for e in mb], width, 0.0, torch.float32, device)
     n_rollout = torch.tensor([len(e.log_probs) for e in mb], device=device)
@@ -319,17 +403,18 @@ def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Any
     for row, e in enumerate(mb):
         if e.answer_start is not None:
             answer_mask[row, e.answer_start:] = True
-    return _MicroBatchTokens(fwd, log_probs, entropy, grad_norm, rollout_lp, has_rollout,
+    return _MicroBatchTokens(fwd, fwd.log_probs, fwd.entropy.detach(), fwd.logit_grad_norm, rollout_lp, has_rollout,
                              _pad([e.entropies for e in mb], width, 0.0, torch.float32, device), answer_mask & fwd.mask)
 
 
-def _token_weights(weighter: Any, tok: _MicroBatchTokens, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _token_weights(weighter: Weighter | None, tok: _MicroBatchTokens, adv: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step 2, the weighter's per-token weights (1 without one) and its auxiliary loss."""
     if weighter is None:
         return tok.fwd.mask.float(), None
     fwd = tok.fwd
     hidden = fwd.hidden
-    if hidden is not None and getattr(weighter, "detach_hidden", True):  # the head alone learns from its loss
+    if hidden is not None and weighter.detach_hidden:  # the head alone learns from its loss
         hidden = hidden.detach()
     batch = TokenBatch(
         token_ids=fwd.targets, mask=fwd.mask, log_probs=tok.log_probs, entropy=tok.entropy,
@@ -342,8 +427,8 @@ def _token_weights(weighter: Any, tok: _MicroBatchTokens, adv: torch.Tensor) -> 
     return weights, weighter.aux_loss(batch, weights)
 
 
-def _old_log_probs(tok: _MicroBatchTokens, config: UpdateConfig, iteration: int, cache: dict[int, torch.Tensor],
-                   key: int) -> torch.Tensor:
+def _old_log_probs(tok: _MicroBatchTokens, settings: UpdateSettings, iteration: int,
+                   cache: dict[int, torch.Tensor], key: int) -> torch.Tensor:
     """Step 3, the "old" policy's log-probs for the ratio.
 
     recompute: the training forward's own log-probs before the first optimizer step. In iteration 0 the
@@ -355,27 +440,27 @@ def _old_log_probs(tok: _MicroBatchTokens, config: UpdateConfig, iteration: int,
     if iteration == 0:
         cache[key] = tok.log_probs.detach()
     recomputed = cache[key]
-    if config.old_log_probs == "rollout":
+    if settings.old_log_probs == "rollout":
         return torch.where(tok.has_rollout, tok.rollout_log_probs, recomputed)
     return recomputed
 
 
-def _kl_and_entropy_terms(tok: _MicroBatchTokens, mb: Sequence[Episode], config: UpdateConfig,
-                          ref_model: torch.nn.Module | None, sums: _Sums) -> torch.Tensor:
+def _kl_and_entropy_terms(tok: _MicroBatchTokens, mb: Sequence[Episode], objective: Objective,
+                          settings: UpdateSettings, ref_model: torch.nn.Module | None, sums: _Sums) -> torch.Tensor:
     """Step 5, beta x KL(pi || pi_ref) - entropy_coef x H per token (0 when both are off)."""
     extra = torch.zeros_like(tok.log_probs)
-    if config.beta > 0:
-        if ref_model is None:
-            raise ValueError("beta > 0 needs a reference model")
+    if objective.beta > 0:
+        if ref_model is None or objective.kl is None:
+            raise ValueError("beta > 0 needs a reference model and a KL estimator")
         with torch.no_grad():
-            ref_log_probs = forward_completions(ref_model, mb, config.pad_token_id,
-                                                chunk_tokens=config.logits_chunk_tokens,
-                                                share_prompts=config.share_prompts).log_probs
-        kl = kl_penalty(tok.log_probs, ref_log_probs, config.kl_estimator)
-        extra = extra + config.beta * kl
-        sums.add("kl", float((kl.detach() * tok.fwd.mask).sum()))
-    if config.entropy_coef > 0:
-        extra = extra - config.entropy_coef * tok.fwd.entropy
+            ref_log_probs = forward_completions(ref_model, mb, settings.pad_token_id,
+                                                chunk_tokens=settings.logits_chunk_tokens,
+                                                share_prompts=settings.share_prompts).log_probs
+        kl = objective.kl(tok.log_probs, ref_log_probs)
+        extra = extra + objective.beta * kl
+        sums.add("token", "kl", float((kl.detach() * tok.fwd.mask).sum()))
+    if objective.entropy_coef > 0:
+        extra = extra - objective.entropy_coef * tok.fwd.entropy
     return extra
 
 
@@ -384,116 +469,71 @@ def _record_tokens(stats: UpdateStats, tok: _MicroBatchTokens, weights: torch.Te
     mask = tok.fwd.mask
     m = mask.float()
     w = weights.detach()
-    sums.add("entropy", float((tok.entropy * m).sum()))
-    sums.add("weight_sum", float((w * m).sum()))
-    sums.add("weight_sq_sum", float((w ** 2 * m).sum()))
+    sums.add("token", "entropy", float((tok.entropy * m).sum()))
+    sums.add("token", "weight_sum", float((w * m).sum()))
+    sums.add("token", "weight_sq_sum", float((w ** 2 * m).sum()))
     gap = (tok.rollout_log_probs - tok.log_probs.detach()).abs() * tok.has_rollout
-    sums.add("rollout_gap_sum", float(gap.sum()))
-    sums.add("rollout_gap_tokens", float(tok.has_rollout.sum()))
+    sums.add("token", "rollout_gap_sum", float(gap.sum()))
+    sums.add("token", "rollout_gap_tokens", float(tok.has_rollout.sum()))
     lengths = mask.sum(-1).tolist()
-    for name, t in (("token_log_probs", tok.log_probs.detach()), ("token_entropies", tok.entropy),
-                    ("token_weights", w), ("token_logit_grad_norms", tok.logit_grad_norm)):
-        rows = t.tolist()
-        getattr(stats, name).extend(r[:k] for r, k in zip(rows, lengths))
+    for rows, t in ((stats.token_log_probs, tok.log_probs.detach()), (stats.token_entropies, tok.entropy),
+                    (stats.token_weights, w), (stats.token_logit_grad_norms, tok.logit_grad_norm)):
+        rows.extend(r[:k] for r, k in zip(t.tolist(), lengths))
 
 
-def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: torch.Tensor, config: UpdateConfig,
-                      iteration: int, key: int, cache: dict, totals: _BatchTotals, weighter: Any,
-                      ref_model: torch.nn.Module | None, stats: UpdateStats, sums: _Sums) -> torch.Tensor:
+@dataclass
+class _Pass:
+    """What every micro-batch of one pass over the batch shares."""
+
+    objective: Objective
+    settings: UpdateSettings
+    weighter: Weighter | None
+    ref_model: torch.nn.Module | None
+    totals: _BatchTotals
+    iteration: int
+    old_cache: dict[int, torch.Tensor]
+    stats: UpdateStats
+    sums: _Sums
+
+
+def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: torch.Tensor, key: int, p: _Pass
+                      ) -> torch.Tensor:
     """Steps 1-6 for one micro-batch: the scalar loss whose gradient this micro-batch contributes."""
-    tok = _forward_tokens(model, mb, weighter, config)
-    weights, aux_loss = _token_weights(weighter, tok, adv)
-    old = _old_log_probs(tok, config, iteration, cache, key)
+    tok = _forward_tokens(model, mb, p.weighter, p.settings)
+    weights, aux_loss = _token_weights(p.weighter, tok, adv)
+    old = _old_log_probs(tok, p.settings, p.iteration, p.old_cache, key)
     token_adv = adv[:, None] * weights  # step 4: the policy loss sees weighted per-token advantages
-    token_loss, loss_metrics = POLICY_LOSSES[config.policy_loss].fn(tok.log_probs, old, token_adv, tok.fwd.mask, config)
-    token_loss = token_loss + _kl_and_entropy_terms(tok, mb, config, ref_model, sums)
-    loss = aggregate_loss(token_loss, tok.fwd.mask, config.agg_mode, max_len=config.max_len,  # step 6
-                          total_tokens=totals.tokens, total_seqs=totals.seqs)
+    token_loss, loss_metrics = p.objective.policy_loss(tok.log_probs, old, token_adv, tok.fwd.mask)
+    token_loss = token_loss + _kl_and_entropy_terms(tok, mb, p.objective, p.settings, p.ref_model, p.sums)
+    loss = p.objective.aggregate(token_loss, tok.fwd.mask, total_tokens=p.totals.tokens,  # step 6
+                                 total_seqs=p.totals.seqs)
     if aux_loss is not None:
-        loss = loss + aux_loss * (len(mb) / totals.seqs)
+        loss = loss + aux_loss * (len(mb) / p.totals.seqs)
     n_tok = float(tok.fwd.mask.sum())
-    suffix = "" if iteration == 0 else "/later_iterations"
     for name, value in loss_metrics.items():
-        sums.add(f"policy:{name}{suffix}", value * n_tok)
-    if iteration == 0:
-        _record_tokens(stats, tok, weights, sums)
+        p.sums.add("policy" if p.iteration == 0 else "policy_later", name, value * n_tok)
+    if p.iteration == 0:
+        _record_tokens(p.stats, tok, weights, p.sums)
     return loss
 
 
-def _teacher_forcing_loss(model: torch.nn.Module, teachers: Sequence[Episode], config: UpdateConfig,
-                          totals: _BatchTotals, iteration: int, sums: _Sums) -> torch.Tensor:
+def _teacher_forcing_loss(model: torch.nn.Module, teachers: Sequence[Episode], p: _Pass) -> torch.Tensor:
     """teacher_forcing_coef x mean NLL of one micro-batch of reference completions (full-batch normalizer)."""
-    fwd = forward_completions(model, teachers, config.pad_token_id, chunk_tokens=config.logits_chunk_tokens)
-    if iteration == 0:
-        sums.add("teacher_nll", float((-fwd.log_probs.detach() * fwd.mask).sum()))
-    return config.teacher_forcing_coef * aggregate_loss(-fwd.log_probs, fwd.mask, "token-mean",
-                                                        total_tokens=totals.teacher_tokens)
+    fwd = forward_completions(model, teachers, p.settings.pad_token_id, chunk_tokens=p.settings.logits_chunk_tokens)
+    mask = fwd.mask.to(fwd.log_probs.dtype)
+    if p.iteration == 0:
+        p.sums.add("token", "teacher_nll", float((-fwd.log_probs.detach() * fwd.mask).sum()))
+    return p.objective.teacher_forcing_coef * ((-fwd.log_probs * mask).sum() / max(p.totals.teacher_tokens, 1))
 
 
-def _empty_unit_loss(model: torch.nn.Module, episodes: Sequence[Episode], config: UpdateConfig) -> torch.Tensor:
+def _empty_unit_loss(model: torch.nn.Module, episodes: Sequence[Episode], settings: UpdateSettings) -> torch.Tensor:
     """A zero loss through the whole model, for a rank with fewer micro-batches than the others: DDP and FSDP2
     synchronize inside forward/backward, so every rank must make the same calls."""
-    fwd = forward_completions(model, episodes[:1], config.pad_token_id, chunk_tokens=config.logits_chunk_tokens)
+    fwd = forward_completions(model, episodes[:1], settings.pad_token_id, chunk_tokens=settings.logits_chunk_tokens)
     return fwd.log_probs.sum() * 0.0
 
 
-def zero_gradient_episodes(advantages: torch.Tensor, config: UpdateConfig, weighter: Any = None,
-                           extra_parameters: Sequence[torch.nn.Parameter] = ()) -> torch.Tensor:
-    """[B] bool: episodes whose loss contributes exactly zero gradient, so the update can skip their backward.
-
-    Every registered policy loss is A x (something finite) per token, token weights included (a test checks
-    each loss's gradient at A = 0), so an episode with advantage exactly 0 (a GRPO group whose rewards are all
-    equal) adds exact zeros to the gradient, unless a term does not scale with A: the KL penalty, the entropy
-    bonus, or a learned weighter's own loss (its parameters)."""
-    learned = bool(extra_parameters) or (weighter is not None and bool(weighter.parameters()))
-    if not config.skip_zero_gradient or config.beta > 0 or config.entropy_coef > 0 or learned:
-        return torch.zeros(len(advantages), dtype=torch.bool)
-    return advantages.detach().cpu() == 0
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One micro-batch of the update: policy episodes or teacher completions, by index."""
-
-    kind: str  # "policy" | "teacher"
-    index: list[int]  # episode indices (policy micro-batches hold episodes of similar length)
-    key: int  # its position among the policy micro-batches (the old-log-prob cache key)
-    frozen: bool = False  # every episode's loss has zero gradient: forward without autograd, no backward
-
-
-def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], config: UpdateConfig, d: Dist,
-                share_prompts: bool, frozen: Sequence[bool]) -> list[tuple[_Unit | None, bool]]:
-    """This rank's micro-batches (None = an empty one, to keep ranks in step), each with whether it runs its
-    backward. Episodes are packed in order of length, so a micro-batch pads little (or by group, when the
-    forward shares prompts and that runs fewer tokens); with several ranks the micro-batches are made small
-    enough that each rank gets some. The full-batch normalizers make the gradient the same whatever the packing.
-
-    `frozen` episodes (zero gradient) are packed apart and split over the ranks apart, first: every rank then
-    skips the backward at the same positions (FSDP2 gathers weights in each backward, so ranks must make the
-    same calls). The last position always runs it: the gradient sync, and every gradient exists (zeros when no
-    episode carries any, so AdamW still steps as it would)."""
-    size = config.micro_batch_size
-    if d.enabled:
-        size = max(1, min(size, math.ceil(len(episodes) / d.world_size)))
-    kinds: list[tuple[list[_Unit], bool]] = []  # (micro-batches, whether they run a backward)
-    key = 0  # numbers the policy micro-batches
-    for is_frozen in (True, False):
-        part = [i for i in range(len(episodes)) if bool(frozen[i]) == is_frozen]
-        packed = pack_episodes([episodes[i] for i in part], size, config.max_tokens_per_micro_batch,
-                               share_prompts) if part else []
-        kinds.append(([_Unit("policy", [part[j] for j in mb], key + k, is_frozen) for k, mb in enumerate(packed)],
-                      not is_frozen))
-        key += len(packed)
-    if teachers and config.teacher_forcing_coef > 0:
-        kinds.append(([_Unit("teacher", list(idx), -1) for idx in
-                       micro_batches(teachers, config.micro_batch_size, config.max_tokens_per_micro_batch)], True))
-    mine: list[tuple[_Unit | None, bool]] = []
-    for units, backward in kinds:
-        part, count = split_work(len(units), d)
-        mine += [(units[i], backward) for i in part] + [(None, backward)] * (count - len(part))
-    if mine:
-        mine[-1] = (mine[-1][0], True)
-    return mine
+# ============================================================================ the update
 
 
 def _clip_and_step(optimizer: torch.optim.Optimizer, params: list, loss_total: float, max_grad_norm: float
@@ -507,24 +547,27 @@ def _clip_and_step(optimizer: torch.optim.Optimizer, params: list, loss_total: f
     return ok, float(grad_norm)
 
 
-def _summarize(stats: UpdateStats, sums: dict[str, float], totals: _BatchTotals, config: UpdateConfig) -> None:
-    """Token-weighted sums -> per-token means; the policy loss's metrics per iteration group."""
+def _summarize(stats: UpdateStats, sums: dict[tuple[str, str], float], totals: _BatchTotals,
+               num_iterations: int) -> None:
+    """Token-weighted sums -> per-token means; the policy loss's metrics per pass group."""
     tok = max(totals.tokens, 1)
+    token = {name: v for (kind, name), v in sums.items() if kind == "token"}
     stats.metrics["clip_frac"] = 0.0  # losses without a ratio never clip
-    for name, value in sums.items():
-        if name.startswith("policy:"):
-            later = name.endswith("/later_iterations")
-            stats.metrics[name[len("policy:"):]] = value / (tok * (config.num_iterations - 1) if later else tok)
-    if "entropy" in sums:
-        stats.metrics["entropy"] = sums["entropy"] / tok
-        mean_w = sums["weight_sum"] / tok
+    for (kind, name), value in sums.items():
+        if kind == "policy":
+            stats.metrics[name] = value / tok
+        elif kind == "policy_later":
+            stats.metrics[f"{name}/later_iterations"] = value / (tok * (num_iterations - 1))
+    if "entropy" in token:
+        stats.metrics["entropy"] = token["entropy"] / tok
+        mean_w = token["weight_sum"] / tok
         stats.metrics["weight/mean"] = mean_w
-        stats.metrics["weight/std"] = math.sqrt(max(sums["weight_sq_sum"] / tok - mean_w ** 2, 0.0))
-        stats.metrics["rollout_logprob_gap"] = sums["rollout_gap_sum"] / max(sums["rollout_gap_tokens"], 1.0)
-    if "kl" in sums:
-        stats.metrics["kl"] = sums["kl"] / (tok * config.num_iterations)
-    if "teacher_nll" in sums:
-        stats.metrics["teacher_nll"] = sums["teacher_nll"] / max(totals.teacher_tokens, 1)
+        stats.metrics["weight/std"] = math.sqrt(max(token["weight_sq_sum"] / tok - mean_w ** 2, 0.0))
+        stats.metrics["rollout_logprob_gap"] = token["rollout_gap_sum"] / max(token["rollout_gap_tokens"], 1.0)
+    if "kl" in token:
+        stats.metrics["kl"] = token["kl"] / (tok * num_iterations)
+    if "teacher_nll" in token:
+        stats.metrics["teacher_nll"] = token["teacher_nll"] / max(totals.teacher_tokens, 1)
 
 
 def update_policy(
@@ -532,18 +575,18 @@ def update_policy(
     optimizer: torch.optim.Optimizer,
     episodes: Sequence[Episode],
     advantages: torch.Tensor,
-    config: UpdateConfig,
-    weighter: Any = None,
+    settings: UpdateSettings,
+    objective: Objective,
+    weighter: Weighter | None = None,
     ref_model: torch.nn.Module | None = None,
-    extra_parameters: Sequence[torch.nn.Parameter] = (),
     teacher_episodes: Sequence[Episode] = (),
     dist: Dist = Dist(),
 ) -> UpdateStats:
     """One GRPO update on `episodes` (advantages: one scalar per episode); `num_iterations` optimizer steps.
 
-    Per token: loss = policy_loss(log pi, log pi_old, A x w) + beta x KL - entropy_coef x H, aggregated by
-    `loss_agg_mode` over the whole batch (micro-batches accumulate with the full batch's normalizers), where w
-    is the token weighter's weight (1 without one). `teacher_episodes` add teacher_forcing_coef x mean NLL of
+    Minimizes `objective` (its per-token loss aggregated over the whole batch: micro-batches accumulate with
+    the full batch's normalizers), with the weighter's weight w on each token's advantage (1 without one) and
+    its parameters trained beside the model's. `teacher_episodes` add teacher_forcing_coef x mean NLL of
     reference completions. A non-finite loss or gradient skips the step and leaves the weights unchanged.
 
     Under torchrun every rank passes the same whole batch and `model` wrapped by `distributed.wrap`: each rank
@@ -551,49 +594,49 @@ def update_policy(
     metrics are gathered, so the result is the single-process one.
     """
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters)
+    head = weighter.parameters() if weighter is not None else []
+    params = [p for p in model.parameters() if p.requires_grad] + head
     adv = advantages.to(device=device, dtype=torch.float32)
+    teachers = teacher_episodes if objective.teacher_forcing_coef > 0 else ()
     totals = _BatchTotals(len(episodes), sum(len(e.generated_token_ids) for e in episodes),
-                          sum(len(e.generated_token_ids) for e in teacher_episodes))
+                          sum(len(e.generated_token_ids) for e in teachers))
     if weighter is not None:
         weighter.begin_batch([e.entropies for e in episodes])
     stats, sums, old_cache = UpdateStats(metrics={}), _Sums(), {}
     # the attention-credit weighter reads whole-sequence attention, so its forwards never share prompts
-    share = config.share_prompts and not (weighter is not None and weighter.needs_last_qk)
-    frozen = zero_gradient_episodes(adv, config, weighter, extra_parameters).tolist()
-    units = _work_units(episodes, teacher_episodes, config, dist, share, frozen)
+    share = settings.share_prompts and not (weighter is not None and weighter.needs_last_qk)
+    frozen = zero_gradient_episodes(adv, settings, objective, weighter).tolist()
+    units = _work_units(episodes, teachers, settings, dist, share, frozen)
     model.train()
-    for iteration in range(config.num_iterations):
+    for iteration in range(settings.num_iterations):
         optimizer.zero_grad(set_to_none=True)
+        p = _Pass(objective, settings, weighter, ref_model, totals, iteration, old_cache, stats, sums)
         loss_total = 0.0
-        bar = tqdm(units, desc="update", leave=False, disable=None if config.progress and dist.is_main else True)
+        bar = tqdm(units, desc="update", leave=False, disable=None if settings.progress and dist.is_main else True)
         for i, (unit, backward) in enumerate(bar):
             with torch.set_grad_enabled(backward):  # no autograd for a micro-batch without gradient
                 if unit is None:
-                    loss = _empty_unit_loss(model, episodes, config)
+                    loss = _empty_unit_loss(model, episodes, settings)
                 elif unit.kind == "teacher":
-                    loss = _teacher_forcing_loss(model, [teacher_episodes[j] for j in unit.index], config, totals,
-                                                 iteration, sums)
+                    loss = _teacher_forcing_loss(model, [teachers[j] for j in unit.index], p)
                 else:
-                    loss = _micro_batch_loss(model, [episodes[j] for j in unit.index], adv[unit.index], config,
-                                             iteration, unit.key, old_cache, totals, weighter, ref_model, stats,
-                                             sums)
+                    loss = _micro_batch_loss(model, [episodes[j] for j in unit.index], adv[unit.index], unit.key, p)
             if backward:
                 with gradient_sync(model, dist, sync=i == len(units) - 1):
                     (loss * grad_scale(dist)).backward()
             loss_total += float(loss.detach())
-        sum_gradients(list(extra_parameters), dist)
+        sum_gradients(head, dist)
         loss_total = all_sum(loss_total, dist)
-        ok, grad_norm = _clip_and_step(optimizer, params, loss_total, config.max_grad_norm)
+        ok, grad_norm = _clip_and_step(optimizer, params, loss_total, settings.max_grad_norm)
         if iteration == 0 or not ok:
             stats.metrics.update({"loss": loss_total, "grad_norm": grad_norm})
         if not ok:
             stats.skipped = True
             break
     _gather_token_arrays(stats, [j for u, _ in units if u is not None and u.kind == "policy" for j in u.index], dist)
-    _summarize(stats, sum_values(sums.values, dist), totals, config)
+    _summarize(stats, sum_values(sums.totals, dist), totals, settings.num_iterations)
     if weighter is not None:
-        stats.metrics.update(weighter.pop_metrics(lambda sums: sum_values(sums, dist)))
+        stats.metrics.update(weighter.pop_metrics(lambda s: sum_values(s, dist)))
     return stats
 
 

@@ -1,4 +1,5 @@
-"""Shared test set-up: a fixed RNG state, and a tiny random model + dataset for end-to-end runs."""
+"""Shared test set-up: a fixed RNG state, the small random test model of every file, and a tiny random model
+directory + dataset for end-to-end runs."""
 
 from __future__ import annotations
 
@@ -29,16 +30,22 @@ def _seed_everything():
     yield
 
 
-def make_random_model_dir(path: Path, seed: int = 0) -> Path:
-    """A small random Qwen2 with the tiny model's character tokenizer, in HF layout."""
-    save_char_tokenizer(build_char_tokenizer(ALPHABET, SPECIAL_TOKENS), path, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+def random_model(vocab_size: int = 23, seed: int = 0, **shape) -> Transformer:
+    """A small random-weight Qwen2 in fp32 (2 layers, hidden 32, 4 heads over 2 KV heads, tied embeddings),
+    its weights drawn from `seed`; `shape` overrides ModelConfig fields."""
     torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
+                                tie_word_embeddings=True, torch_dtype="float32"), **shape})
+    return Transformer.from_config(cfg, dtype=torch.float32)
+
+
+def make_random_model_dir(path: Path, seed: int = 0) -> Path:
+    """`random_model` with the tiny model's character tokenizer, in HF layout."""
+    save_char_tokenizer(build_char_tokenizer(ALPHABET, SPECIAL_TOKENS), path, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
     vocab = len(SPECIAL_TOKENS) + 1 + len(ALPHABET)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, torch_dtype="float32")
-    Transformer.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    random_model(vocab, seed, max_position_embeddings=256).save_pretrained(path)
     return path
 
 

@@ -15,11 +15,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distributed  # noqa: E402
+import grpo  # noqa: E402
 import grpo_mitigations as gm  # noqa: E402
 import update  # noqa: E402
+from conftest import random_model  # noqa: E402
 from data_types import Episode  # noqa: E402
 from distributed import Dist  # noqa: E402
-from qwen2_model import ModelConfig, Transformer  # noqa: E402
+from qwen2_model import Transformer  # noqa: E402
 
 # (strategy, policy loss, aggregation, iterations, micro-batch size, extras): 9 episodes in micro-batches of 2
 # are 5 micro-batches, 3 on rank 0 and 2 on rank 1, which runs an empty one to stay in step. extras: the
@@ -30,11 +32,7 @@ CASES = [(s, loss, agg, it, mb, extras) for s in ("ddp", "fsdp") for loss, agg, 
 
 
 def make_model() -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=31, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype="float32")
-    return Transformer.from_config(cfg, dtype=torch.float32)
+    return random_model(31, tie_word_embeddings=False)
 
 
 def make_batch() -> tuple[list[Episode], torch.Tensor]:
@@ -66,11 +64,11 @@ def run_case(case: tuple, d: Dist) -> dict[str, torch.Tensor]:
     head = weighter.parameters() if weighter is not None else []
     optimizer = torch.optim.SGD(list(model.parameters()) + head, lr=1.0)
     episodes, advantages = make_batch()
-    cfg = update.UpdateConfig(micro_batch_size=mb, loss_agg_mode=agg, policy_loss=loss, num_iterations=iterations,
-                            old_log_probs="rollout", max_grad_norm=1e9, logits_chunk_tokens=8,
-                            teacher_forcing_coef=0.5 if extras else 0.0)
-    stats = update.update_policy(wrapped, optimizer, episodes, advantages, cfg, weighter, extra_parameters=head,
-                               teacher_episodes=episodes[:3] if extras else (), dist=d)
+    settings = update.UpdateSettings(micro_batch_size=mb, num_iterations=iterations, old_log_probs="rollout",
+                                     max_grad_norm=1e9, logits_chunk_tokens=8)
+    objective = grpo.objective(loss, agg, teacher_forcing_coef=0.5 if extras else 0.0)
+    stats = update.update_policy(wrapped, optimizer, episodes, advantages, settings, objective, weighter,
+                                 teacher_episodes=episodes[:3] if extras else (), dist=d)
     out = {k: distributed.full_tensor(v).detach().clone() for k, v in model.state_dict().items()}
     out.update({f"_head.{i}": p.detach().clone() for i, p in enumerate(head)})
     out.update({f"_metric.{k}": torch.tensor(v) for k, v in stats.metrics.items()})

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from config import Config, ConfigError, apply_overrides, config_from_dict, load_config, parse_override
-from grpo import ADVANTAGE_FNS
+import config
+from config import Config, ConfigError, apply_overrides, parse_override
+from grpo import ADVANTAGES
 from grpo_mitigations import WEIGHTERS
+from parts import config_from_dict, declarations, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ["config.yaml", "config_24GB.yaml", "config_tiny.yaml", "config_instrumented.yaml"]
@@ -32,8 +34,11 @@ def test_shipped_yaml_values_are_read():
 
 
 def test_defaults_without_a_file():
-    c = load_config()
-    assert c.to_dict() == Config().to_dict()
+    assert config.load_config().to_dict() == Config().to_dict()  # the fixed keys
+    c = load_config().to_dict()  # and every registered part's keys: their declared defaults
+    for key, p in declarations().params.items():
+        section, name = key.split(".")
+        assert c[section][name] == p.default, key
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -189,8 +194,8 @@ def test_out_of_range_value(override, needle):
 def test_unknown_adv_estimator_lists_valid():
     msg = error_of(["algorithm.adv_estimator=ppo"])
     assert "'ppo'" in msg
-    assert {"grpo", "dr_grpo", "rloo"} <= set(ADVANTAGE_FNS)
-    for name in ADVANTAGE_FNS:
+    assert {"grpo", "dr_grpo", "rloo"} <= set(ADVANTAGES)
+    for name in ADVANTAGES:
         assert name in msg
 
 

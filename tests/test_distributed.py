@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 
 import distributed
 import trainer
-from config import ConfigError, config_from_dict
+from config import ConfigError
 from conftest import run_config
 from distributed import Dist
+from parts import config_from_dict
 from qwen2_model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import checkpoint as ckpt
 import fileio
 import train_mitigations
 import trainer
-from config import config_from_dict
 from conftest import run_config
 from grpo_mitigations import WEIGHTERS
+from parts import config_from_dict
 
 REQUIRED = ["step", "episode_idx", "group_idx", "position", "token_id", "log_prob", "entropy", "reward",
             "advantage", "weight", "contribution", "weighted_contribution"]

@@ -417,7 +417,7 @@ def test_every_registered_name_builds():
     for name in gm.WEIGHTERS:
         w = gm.build_weighter(name, hidden_size=8, think_discount=0.5, epsilon=0.1, credit_scale=2.0,
                               entropy_temp=1.0, mask_percentile=80.0, attribution_entropy_coef=0.0)
-        assert isinstance(w, gm.WEIGHTERS[name]) and w.name == name
+        assert isinstance(w, gm.WEIGHTERS.get(name)) and w.name == name
     assert gm.build_weighter("attribution", hidden_size=8).needs_hidden
     assert gm.build_weighter("attention_credit").needs_last_qk
 

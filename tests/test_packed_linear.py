@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2_model import _PACKED, Linear, ModelConfig, Transformer, can_pack
+from conftest import random_model
+from qwen2_model import _PACKED, Linear, Transformer, can_pack
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="no oneDNN in this torch build")
 
@@ -50,12 +51,8 @@ def test_with_gradient_the_weight_itself_runs_and_gets_its_gradient():
 
 
 def model() -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                      rope_theta=1e4, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True,
-                      torch_dtype="float32")
-    return Transformer.from_config(cfg, dtype=torch.float32).eval()
+    return random_model(300, hidden_size=64, intermediate_size=128, head_dim=16, max_position_embeddings=64,
+                        attention_bias=True).eval()
 
 
 def test_packed_linears_packs_every_linear_for_the_context_only():

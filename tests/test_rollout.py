@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_types import Episode
-from qwen2_model import ModelConfig, Transformer, can_pack
 import qwen2_model
 import rollout
 import update
+from conftest import random_model
+from data_types import Episode
+from qwen2_model import Transformer, can_pack
 from rollout import RolloutEngine, keyed_uniform, row_keys, sample_keyed, sample_next, stream_key
 
 VOCAB = 23
@@ -19,12 +20,7 @@ EOS = [5, 11]  # frequent enough on a random model that most rows finish early: 
 
 
 def model(device: torch.device | str = "cpu") -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, torch_dtype="float32")
-    return Transformer.from_config(cfg, dtype=torch.float32).eval().to(device)
+    return random_model(VOCAB).eval().to(device)
 
 
 PROMPTS = [[3, 4, 6, 7, 8], [9, 2], [1, 2, 3, 10, 12, 13, 14], [16]]
@@ -184,7 +180,7 @@ def test_greedy_with_shared_prefixes_is_the_argmax_of_the_full_forward(pack, dev
 def test_copies_of_one_prompt_draw_independent_samples():
     m = model()
     n = 4000
-    out = rollout.sample(m, [[1, 2, 3]] * n, max_new_tokens=1, eos_token_id=[99], seed=5)
+    out = rollout.generate(m, [[1, 2, 3]] * n, max_new_tokens=1, eos_token_id=[99], seed=5)
     first = torch.tensor([t[0] for t in out.tokens])
     with torch.no_grad():
         p = torch.softmax(m(torch.tensor([[1, 2, 3]]))[0, -1].double(), -1)
@@ -193,13 +189,8 @@ def test_copies_of_one_prompt_draw_independent_samples():
 
 
 def test_rollout_episodes_do_not_depend_on_the_batch_size():
-    from test_grpo import CharTok
-
     tok = CharTok()
-    m_ = Transformer.from_config(ModelConfig(
-        model_type="qwen2", vocab_size=len(tok.alphabet) + 1, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="float32"), dtype=torch.float32)
+    m_ = random_model(len(tok.alphabet) + 1)
 
     def reward(problem, text):
         return {"reward": float(len(text)), "reward_info": {}}
@@ -341,3 +332,111 @@ def test_packing_is_chosen_by_weight_size_and_dropped_after_each_rollout(monkeyp
     run(RolloutEngine(m), PROMPTS, group=2, max_new=3)
     assert packed_during and all(packed_during)
     assert not any(getattr(mod, "is_packed", False) for mod in m.modules())  # dropped once the rollout ended
+
+
+# ------------------------------------------------------------------ the entry points: generate, rollout
+
+
+def test_generate_greedy_equals_argmax_of_full_forward_at_every_step():
+    model = random_model().eval()
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [1, 2, 3, 10, 11, 12, 13]]
+    outs = rollout.generate(model, prompts, max_new_tokens=8, eos_token_id=[22], temperature=0.0).tokens
+    for prompt, out in zip(prompts, outs):
+        seq = list(prompt)
+        for tok in out:
+            with torch.no_grad():
+                nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
+            assert tok == nxt
+            seq.append(tok)
+            if tok == 22:
+                break
+        assert len(out) == 8 or out[-1] == 22
+
+
+def test_generate_stops_at_the_first_end_token():
+    model = random_model().eval()
+    prompts = [[3, 4, 5], [8, 9, 1, 2]]
+    free = rollout.generate(model, prompts, max_new_tokens=6, eos_token_id=[99], temperature=0.0).tokens
+    stop_at = free[0][2]
+    outs = rollout.generate(model, prompts, max_new_tokens=6, eos_token_id=[stop_at], temperature=0.0).tokens
+    first = free[0].index(stop_at)
+    assert outs[0] == free[0][: first + 1]
+    if stop_at in free[1]:
+        assert outs[1] == free[1][: free[1].index(stop_at) + 1]
+    else:
+        assert outs[1] == free[1]
+
+
+def test_cached_sampling_log_probs_equal_a_full_recompute():
+    """Catches off-by-one prompt positions: the rollout's log-probs must be the training forward's."""
+    model = random_model().eval()
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [1, 2, 3, 10, 11, 12, 13], [5]]
+    out = rollout.generate(model, prompts, max_new_tokens=10, eos_token_id=[22], temperature=1.0, seed=3)
+    episodes = [Episode(prompt="", prompt_token_ids=p, generated_token_ids=g, text="", reward=0.0,
+                        reward_info={}, finished=False, group_idx=0) for p, g in zip(prompts, out.tokens)]
+    with torch.no_grad():
+        fwd = update.forward_completions(model, episodes, pad_token_id=0)
+        lp, ent, _ = update.token_statistics(fwd.logits, fwd.targets)
+        targets, mask = fwd.targets, fwd.mask
+    for i, g in enumerate(out.tokens):
+        n = len(g)
+        assert mask[i].sum() == n
+        assert targets[i, :n].tolist() == g
+        np.testing.assert_allclose(out.log_probs[i], lp[i, :n].numpy(), atol=1e-5)
+        np.testing.assert_allclose(out.entropies[i], ent[i, :n].numpy(), atol=1e-5)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = random_model().eval()
+    a = rollout.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=5).tokens
+    b = rollout.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=5).tokens
+    c = rollout.generate(model, [[1, 2, 3]] * 4, 12, [22], temperature=1.0, seed=6).tokens
+    assert a == b and a != c
+
+
+class CharTok:
+    """A minimal tokenizer for rollout tests: one id per character of a fixed alphabet."""
+
+    alphabet = "0123456789+-*/()=, \n<>/abcdefghijklmnopqrstuvwxyz"
+    end_token_ids = [len(alphabet)]
+    eos_token_id = len(alphabet)
+    pad_token_id = len(alphabet)
+
+    def encode(self, text):
+        return [self.alphabet.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] if i < len(self.alphabet) else "" for i in ids)
+
+
+def test_section_start_finds_the_first_token_of_the_answer_tag():
+    tok = CharTok()
+    text = "1+2=3</think>\n<answer>1+2</answer>"
+    ids = tok.encode(text)
+    assert rollout.section_start(tok, ids, text, "<answer>") == text.index("<answer>")
+    assert rollout.section_start(tok, ids, "no tag here", "<answer>") is None
+    assert rollout.section_start(tok, ids, text, None) is None  # a task without an answer section
+
+
+def test_rollout_groups_rewards_and_episode_fields():
+    tok = CharTok()
+    model = random_model(len(tok.alphabet) + 1).eval()
+    problems = ["a", "b"]
+    seen = []
+
+    def reward_fn(problem, text):
+        seen.append((problem, text))
+        return {"reward": float(len(text) % 3), "reward_info": {"answer_reward": 0.0, "format_reward": 0.0}}
+
+    eps = rollout.rollout(model, tok, problems, ["12", "345"], reward_fn, num_answers_per_question=3,
+                       max_new_tokens=6, stream=0)
+    assert len(eps) == 6
+    assert [e.group_idx for e in eps] == [0, 0, 0, 1, 1, 1]
+    assert [e.problem for e in eps] == ["a"] * 3 + ["b"] * 3
+    for e in eps:
+        assert e.prompt_token_ids == tok.encode(e.prompt)
+        assert len(e.log_probs) == len(e.entropies) == len(e.generated_token_ids)
+        assert e.reward == float(len(e.text) % 3)
+        if e.finished:
+            assert e.generated_token_ids[-1] == tok.eos_token_id
+            assert e.text == tok.decode(e.generated_token_ids[:-1])

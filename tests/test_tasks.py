@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from fractions import Fraction
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,10 +15,11 @@ import bandit_task
 import countdown_task
 import gsm8k_task
 import trainer
-from config import ConfigError, config_from_dict, load_config
+from config import ConfigError
 from conftest import run_config
 from countdown_task import DatasetError
 from data_types import Episode
+from parts import config_from_dict, load_config
 from tasks import TASKS, build_task
 from tokenizer import Tokenizer
 
@@ -183,8 +183,7 @@ def test_injection_puts_exactly_one_correct_completion_in_each_group(tiny_assets
                         problem=p) for q, p in enumerate(problems) for _ in range(g)]
     # group 1 already has a correct answer: the injected one is then not the only correct one
     episodes[g].reward_info["answer_reward"] = 1.0
-    run = SimpleNamespace(config=cfg, task=task, tokenizer=tokenizer, reference_cache={})
-    metrics = trainer.inject_references(run, episodes)
+    metrics = trainer.inject_references(task, tokenizer, episodes, g, {})
     for q in range(3):
         group = episodes[q * g:(q + 1) * g]
         injected = group[-1]

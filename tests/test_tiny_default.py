@@ -15,9 +15,9 @@ import rollout
 import train
 import trainer
 import update
-from tasks import build_task
-from config import load_config
 from data_types import Episode
+from parts import load_config
+from tasks import build_task
 from qwen2_model import Transformer
 
 SMALL = ["tiny.warmup_steps=150", "tiny.num_train_problems=1500", "data.generate_if_missing=1600",
@@ -51,13 +51,13 @@ def test_tiny_default_warmup_then_grpo(tmp_path):
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
 
     # greedy completions are well-formed: the warm-up taught the format
-    outs = rollout.generate(ours, [tokenizer.encode(p) for p in prompts], 72, tokenizer.end_token_ids, temperature=0)
+    outs = rollout.generate(ours, [tokenizer.encode(p) for p in prompts], 72, tokenizer.end_token_ids, temperature=0).tokens
     texts = [tokenizer.decode(o[:-1] if o and o[-1] in tokenizer.end_token_ids else o) for o in outs]
     formats = [task.format_reward_function("<think>" + t) for t in texts]
     assert np.mean([f == 1.0 for f in formats]) >= 0.8, texts
 
     # log-probs seen while sampling (KV cache, left padding) equal a full recompute on prompt + completion
-    sampled = rollout.sample(ours, [tokenizer.encode(p) for p in prompts], 72, tokenizer.end_token_ids, seed=0)
+    sampled = rollout.generate(ours, [tokenizer.encode(p) for p in prompts], 72, tokenizer.end_token_ids, seed=0)
     episodes = [Episode(prompt=p, prompt_token_ids=tokenizer.encode(p), generated_token_ids=g, text="", reward=0.0,
                         reward_info={}, finished=True, group_idx=0) for p, g in zip(prompts, sampled.tokens)]
     with torch.no_grad():
@@ -76,9 +76,8 @@ def test_tiny_default_warmup_then_grpo(tmp_path):
 def test_tiny_warmup_is_deterministic(tmp_path):
     def build(root):
         cfg = load_config("config_tiny.yaml", overrides(root) + ["tiny.warmup_steps=20"])
-        train_set, _ = build_task(cfg).load()
-        import tiny_model
-        return Transformer.from_pretrained(tiny_model.build_tiny_model(cfg, root / "model", train_set),
-                                           dtype=torch.float32).state_dict()
+        task = build_task(cfg)
+        task.build_model(root / "model", task.load()[0])
+        return Transformer.from_pretrained(root / "model", dtype=torch.float32).state_dict()
     a, b = build(tmp_path / "a"), build(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -20,8 +20,9 @@ import torch
 import grpo
 import grpo_mitigations as gm
 import update
-from data_types import Episode
-from qwen2_model import ModelConfig, Transformer
+from conftest import random_model
+from data_types import Episode, UpdateStats
+from qwen2_model import Transformer
 
 VOCAB = 23
 ADVANTAGES = [1.3, -0.8, 0.5, -1.1]
@@ -31,12 +32,7 @@ EPS_LOW, EPS_HIGH, CLIP_C = 0.2, 0.28, 3.0
 
 
 def make_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-6,
-                      tie_word_embeddings=True, torch_dtype="float32")
-    return Transformer.from_config(cfg, dtype=torch.float32)
+    return random_model(VOCAB, seed)
 
 
 def per_sequence_forward(model: Transformer, e: Episode, **kw):
@@ -231,15 +227,14 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
     extra = weighter.parameters() if weighter is not None else []
     all_params = list(model.parameters()) + list(extra)
     before = [p.detach().clone() for p in all_params]
-    cfg = update.UpdateConfig(micro_batch_size=micro, max_tokens_per_micro_batch=max_tokens, loss_agg_mode=mode,
-                            max_len=MAX_LEN, max_grad_norm=1e9, share_prompts=share_prompts,
-                            policy_loss=loss_name, old_log_probs=old_mode, clip_ratio_c=CLIP_C,
-                            beta=terms.get("beta", 0.0), kl_estimator=terms.get("kl", "k3"),
-                            entropy_coef=terms.get("entropy_coef", 0.0),
-                            **({} if loss_name == "gspo" else {"epsilon_low": EPS_LOW, "epsilon_high": EPS_HIGH}))
+    settings = update.UpdateSettings(micro_batch_size=micro, max_tokens_per_micro_batch=max_tokens, max_grad_norm=1e9,
+                                     share_prompts=share_prompts, old_log_probs=old_mode)
+    objective = grpo.objective(loss_name, mode, max_len=MAX_LEN, clip_ratio_c=CLIP_C, beta=terms.get("beta", 0.0),
+                               kl_estimator=terms.get("kl", "k3"), entropy_coef=terms.get("entropy_coef", 0.0),
+                               **({} if loss_name == "gspo" else {"epsilon_low": EPS_LOW, "epsilon_high": EPS_HIGH}))
     opt = torch.optim.SGD(all_params, lr=1.0)
-    stats = update.update_policy(model, opt, episodes, torch.tensor(advantages), cfg, weighter,
-                               ref_model if terms.get("beta") else None, extra)
+    stats = update.update_policy(model, opt, episodes, torch.tensor(advantages), settings, objective, weighter,
+                                 ref_model if terms.get("beta") else None)
     assert not stats.skipped
     for p, b, e in zip(all_params, before, expected):
         assert p.device.type == device.type
@@ -260,7 +255,7 @@ def test_shared_prompt_forward_runs_and_gives_the_formula_gradient(share, monkey
 
 @pytest.mark.parametrize("micro", [4, 1])
 @pytest.mark.parametrize("mode", AGG_MODES)
-@pytest.mark.parametrize("loss_name", sorted(grpo.POLICY_LOSSES))
+@pytest.mark.parametrize("loss_name", grpo.POLICY_LOSSES.names())
 def test_policy_loss_gradient_equals_the_formula(loss_name, mode, micro, device):
     stats = check_update(loss_name, mode, micro, weighter_name="outcome_conditional", device=device)
     if loss_name in ("ppo", "dual_clip", "gspo", "cispo"):
@@ -300,9 +295,9 @@ def test_second_ppo_iteration_clips_and_the_first_does_not_with_recompute():
     model = make_model(0)
     episodes = make_episodes(model)
     opt = torch.optim.SGD(model.parameters(), lr=2.0)  # a big step so the second pass sees a moved policy
-    cfg = update.UpdateConfig(micro_batch_size=2, policy_loss="ppo", old_log_probs="recompute", num_iterations=2,
-                            epsilon_low=0.05, epsilon_high=0.05, max_grad_norm=1e9)
-    stats = update.update_policy(model, opt, episodes, torch.tensor(ADVANTAGES), cfg)
+    settings = update.UpdateSettings(micro_batch_size=2, old_log_probs="recompute", num_iterations=2, max_grad_norm=1e9)
+    objective = grpo.objective("ppo", epsilon_low=0.05, epsilon_high=0.05)
+    stats = update.update_policy(model, opt, episodes, torch.tensor(ADVANTAGES), settings, objective)
     assert stats.metrics["clip_frac"] == 0.0
     assert stats.metrics["clip_frac/later_iterations"] > 0.0
 
@@ -327,8 +322,8 @@ def test_detach_hidden_decides_whether_the_head_loss_reaches_the_model():
         opt.step = lambda: grads.update(model=sum(float(p.grad.abs().sum()) for p in model.parameters()),
                                         head=float(weighter.head.proj.weight.grad.abs().sum()))
         # zero advantages: the policy term is 0, so any model gradient comes from the head's regression loss
-        update.update_policy(model, opt, episodes, torch.zeros(4), update.UpdateConfig(max_grad_norm=1e9), weighter,
-                           extra_parameters=weighter.parameters())
+        update.update_policy(model, opt, episodes, torch.zeros(4), update.UpdateSettings(max_grad_norm=1e9),
+                             grpo.objective(), weighter)
         assert grads["head"] > 0
         return grads["model"]
     assert model_grad(detach=True) == 0.0
@@ -359,11 +354,11 @@ def test_chunked_token_statistics_equal_the_full_ones_gradients_included():
 @pytest.mark.parametrize("loss_name", ["pg", "ppo", "gspo"])
 def test_update_with_many_logit_chunks_equals_the_formula(loss_name, monkeypatch):
     """Chunks of 3 tokens (several per micro-batch): the parameter change is still minus the reference gradient."""
-    real = update.UpdateConfig.__init__
+    real = update.UpdateSettings.__init__
 
     def small_chunks(self, *args, **kwargs):
         real(self, *args, **{**kwargs, "logits_chunk_tokens": 3})
-    monkeypatch.setattr(update.UpdateConfig, "__init__", small_chunks)
+    monkeypatch.setattr(update.UpdateSettings, "__init__", small_chunks)
     check_update(loss_name, "seq-mean-token-sum", 2, weighter_name="entropy_weighted", entropy_coef=0.05)
 
 
@@ -396,7 +391,7 @@ def record_grad_mode(monkeypatch) -> list[bool]:
     return modes
 
 
-@pytest.mark.parametrize("loss_name", sorted(grpo.POLICY_LOSSES))
+@pytest.mark.parametrize("loss_name", grpo.POLICY_LOSSES.names())
 def test_every_policy_loss_has_exactly_zero_gradient_at_zero_advantage(loss_name):
     """The contract zero_gradient_episodes relies on: each registered loss is A x (something finite) per token,
     so a loss with a term of its own (an entropy term, say) fails here."""
@@ -404,17 +399,17 @@ def test_every_policy_loss_has_exactly_zero_gradient_at_zero_advantage(loss_name
     lp = (-3 * torch.rand(3, 5, generator=gen)).requires_grad_()
     old = lp.detach() + 0.5 * torch.randn(3, 5, generator=gen)
     mask = torch.ones(3, 5, dtype=torch.bool)
-    cfg = update.UpdateConfig(policy_loss=loss_name)
+    objective = grpo.objective(loss_name)
     grads = []
     for adv in (torch.zeros(3, 5), torch.ones(3, 5)):
-        token_loss, _ = grpo.POLICY_LOSSES[loss_name].fn(lp, old, adv, mask, cfg)
-        grads.append(torch.autograd.grad(grpo.aggregate_loss(token_loss, mask, cfg.agg_mode), lp)[0])
+        token_loss, _ = objective.policy_loss(lp, old, adv, mask)
+        grads.append(torch.autograd.grad(objective.aggregate(token_loss, mask), lp)[0])
     assert torch.equal(grads[0], torch.zeros_like(lp))
     assert grads[1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("micro", [4, 1])
-@pytest.mark.parametrize("loss_name", sorted(grpo.POLICY_LOSSES))
+@pytest.mark.parametrize("loss_name", grpo.POLICY_LOSSES.names())
 def test_zero_advantage_episodes_skip_the_backward_and_the_update_is_the_formula(loss_name, micro, monkeypatch):
     modes = record_grad_mode(monkeypatch)
     old_mode = "recompute" if loss_name == "gspo" else "rollout"  # GSPO's tiny clip range clips every rollout ratio
@@ -433,16 +428,17 @@ def test_terms_that_do_not_scale_with_the_advantage_keep_every_backward(terms, m
 
 
 def run_update(skip: bool, advantages: list[float], optimizer: str = "sgd", before: list[float] | None = None
-               ) -> tuple[grpo.UpdateStats, dict[str, torch.Tensor]]:
+               ) -> tuple[UpdateStats, dict[str, torch.Tensor]]:
     model = make_model(0)
     episodes = make_episodes(model)
     opt = (torch.optim.SGD(model.parameters(), lr=1.0) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
     weighter = gm.build_weighter("inverse_logprob", epsilon=0.1)
-    cfg = update.UpdateConfig(micro_batch_size=2, policy_loss="ppo", skip_zero_gradient=skip, max_grad_norm=1e9)
+    settings = update.UpdateSettings(micro_batch_size=2, skip_zero_gradient=skip, max_grad_norm=1e9)
+    objective = grpo.objective("ppo")
     if before is not None:  # an earlier update, so AdamW has momentum
-        update.update_policy(model, opt, episodes, torch.tensor(before), cfg, weighter)
-    stats = update.update_policy(model, opt, episodes, torch.tensor(advantages), cfg, weighter)
+        update.update_policy(model, opt, episodes, torch.tensor(before), settings, objective, weighter)
+    stats = update.update_policy(model, opt, episodes, torch.tensor(advantages), settings, objective, weighter)
     return stats, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
