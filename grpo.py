@@ -333,10 +333,12 @@ def kl_k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
 
 @KL_ESTIMATORS.register("k3")
 def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3: exp(d) - d - 1, d = log pi_ref - log pi (>= 0, unbiased). d is clamped to +-20 as in
-    veRL's low_var_kl, so an infinite log-prob gives a large finite value, never NaN."""
+    """Schulman's k3: exp(d) - d - 1, d = log pi_ref - log pi (>= 0, unbiased). d is clamped to +-20 and the
+    value to [-10, 10], as veRL's low_var_kl does: an infinite log-prob gives a finite value, and a token far
+    from the reference contributes at most 10 and no gradient rather than exp(20) ~ 4.9e8 dominating the
+    clipped gradient."""
     d = (ref_log_probs - log_probs).clamp(-20.0, 20.0)
-    return torch.exp(d) - d - 1
+    return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)
 
 
 def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:

@@ -174,12 +174,28 @@ def test_kl_estimators():
     np.testing.assert_allclose(grpo.kl_penalty(lp, ref, "k1").numpy(), -d, rtol=1e-6)
     np.testing.assert_allclose(grpo.kl_penalty(lp, ref, "k2").numpy(), 0.5 * d ** 2, rtol=1e-6)
     assert grpo.kl_k3(lp, lp).abs().max() == 0
-    # an infinite log-prob on either side: large and finite, never NaN (log-ratio clamped at +-20)
-    inf = torch.tensor([float("-inf"), 0.0])
-    k3 = grpo.kl_k3(inf, torch.tensor([0.0, float("-inf")]))
-    assert torch.isfinite(k3).all() and k3[0] == pytest.approx(math.exp(20) - 21, rel=1e-5)
     with pytest.raises(ValueError, match="k1, k2, k3"):
         grpo.kl_penalty(lp, ref, "k4")
+
+
+@pytest.mark.parametrize("log_prob, ref_log_prob", [
+    (-20.0, 0.0), (0.0, -20.0), (-25.0, 0.0),  # log-ratio d = log pi_ref - log pi at and beyond +-20
+    (-3.0, 0.0),  # d = 3: within +-20, but e^3 - 4 ~ 16 > 10
+    (float("-inf"), 0.0), (0.0, float("-inf")),  # an infinite log-prob on either side
+])
+def test_kl_k3_is_clamped_as_verl_low_var_kl(log_prob, ref_log_prob):
+    """veRL's low_var_kl: d clamped to +-20, then the value to [-10, 10]. A token far from the reference
+    contributes at most 10 and no gradient (not exp(20) - 21 ~ 4.9e8 dominating the clipped gradient); the
+    value is finite and the gradient is 0, never NaN."""
+    lp = torch.tensor([log_prob, -1.0], requires_grad=True)
+    ref = torch.tensor([ref_log_prob, -1.5])
+    k3 = grpo.kl_k3(lp, ref)
+    d = min(max(ref_log_prob - log_prob, -20.0), 20.0)
+    assert k3[0].item() == pytest.approx(min(math.exp(d) - d - 1, 10.0))
+    assert k3[1].item() == pytest.approx(math.exp(-0.5) + 0.5 - 1)  # an ordinary token: the plain formula
+    k3.sum().backward()
+    assert lp.grad[0].item() == 0.0  # through the clamp: no gradient
+    assert lp.grad[1].item() == pytest.approx(1 - math.exp(-0.5))  # d/dlp (e^d - d - 1) = 1 - e^d
 
 
 def test_overlong_penalty_is_dapo_linear_ramp():
