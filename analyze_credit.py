@@ -34,6 +34,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tokenizers import Tokenizer
 
+from credit_logger import FINAL_FILE, STEP_FILE_GLOB, step_files
+
 REQUIRED_COLUMNS = (
     "step", "episode_idx", "group_idx", "position", "token_id", "log_prob", "entropy",
     "reward", "advantage", "weight", "contribution", "weighted_contribution",
@@ -57,9 +59,6 @@ REASONING_PATTERN = re.compile(r"[0-9+\-*/=()]+")
 # character no tag contains; not NUL, which numpy strips from string scalars).
 _EPISODE_SEPARATOR = "\x1e"
 
-STEP_FILE_GLOB = "credit_logs_step_*.pkl"
-STEP_FILE = re.compile(r"^credit_logs_step_(\d+)\.pkl$")
-FINAL_FILE = "credit_logs_final.pkl"
 TABLE_FILES = (
     "position_bins.csv", "token_types.csv", "position_type.csv",
     "reward_split.csv", "tstats.csv", "top_tokens.csv",
@@ -82,18 +81,11 @@ def load_credit_logs(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise CreditLogError(f"credit log path does not exist: {path}")
+    files = [path]
     if path.is_dir():
-        step_files = sorted((f for f in path.glob(STEP_FILE_GLOB) if STEP_FILE.match(f.name)),
-                            key=lambda f: int(STEP_FILE.match(f.name).group(1)))
-        if step_files:
-            files = step_files
-        elif (path / FINAL_FILE).is_file():
-            files = [path / FINAL_FILE]
-        else:
-            raise CreditLogError(
-                f"no credit log files in {path}: expected {STEP_FILE_GLOB} or {FINAL_FILE}")
-    else:
-        files = [path]
+        files = [f for _, f in step_files(path)] or ([path / FINAL_FILE] if (path / FINAL_FILE).is_file() else [])
+        if not files:
+            raise CreditLogError(f"no credit log files in {path}: expected {STEP_FILE_GLOB} or {FINAL_FILE}")
     frames = [_read_one_log(f) for f in files]
     df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     df.attrs = dict(frames[0].attrs)

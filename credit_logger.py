@@ -25,7 +25,13 @@ from data_types import Episode, UpdateStats
 from fileio import atomic_write, ensure_free_space
 
 FORMAT_VERSION = 1
-STEP_FILE = re.compile(r"^credit_logs_step_(\d+)\.pkl$")
+STEP_FILE = re.compile(r"^credit_logs_step_(\d+)\.pkl$")  # one interval's rows, NNNNNN = its last step
+STEP_FILE_GLOB = "credit_logs_step_*.pkl"
+FINAL_FILE = "credit_logs_final.pkl"  # the whole run's rows again
+
+
+def step_file_name(step: int) -> str:
+    return f"credit_logs_step_{step:06d}.pkl"
 
 
 def step_files(directory: str | Path) -> list[tuple[int, Path]]:
@@ -95,7 +101,7 @@ class CreditLogger:
             return None
         frame = pd.DataFrame({k: np.concatenate([c[k] for c in self._chunks]) for k in self._chunks[0]})
         frame.attrs.update({"format_version": FORMAT_VERSION, "mitigation": self.mitigation})
-        path = self.directory / f"credit_logs_step_{step:06d}.pkl"
+        path = self.directory / step_file_name(step)
         ensure_free_space(self.directory, int(frame.memory_usage(deep=True).sum()), "a credit log")
         atomic_write(path, lambda p: frame.to_pickle(p), "a credit log")
         self._chunks = []
@@ -109,7 +115,7 @@ class CreditLogger:
             return None
         frame = pd.concat([pd.read_pickle(p) for _, p in files], ignore_index=True)
         frame.attrs.update({"format_version": FORMAT_VERSION, "mitigation": self.mitigation})
-        path = self.directory / "credit_logs_final.pkl"
+        path = self.directory / FINAL_FILE
         ensure_free_space(self.directory, int(frame.memory_usage(deep=True).sum()), "the final credit log")
         atomic_write(path, lambda p: frame.to_pickle(p), "the final credit log")
         return path
@@ -125,4 +131,4 @@ class CreditLogger:
         for step, path in step_files(self.directory):
             if step > resume_step:
                 path.unlink()
-        (self.directory / "credit_logs_final.pkl").unlink(missing_ok=True)
+        (self.directory / FINAL_FILE).unlink(missing_ok=True)
