@@ -331,15 +331,14 @@ def build_words_model(settings: WordsSettings, out_dir: str | Path, train_set: S
 
 PARTS = ("filler", "reasoning", "answer", "special")
 _SENTENCE = re.compile(r" ?[^ .!?][^.!?]*[.!?]")
-_POOL = frozenset(FILLER_POOL)
 
 
 def label_completion(pieces: Sequence[str], special: Sequence[bool]) -> list[str]:
     """The part of each token of one completion, from the tokens' texts: 'special' for the tokenizer's special
-    tokens, 'filler' for every token inside a sentence of <think> that is a FILLER_POOL phrase (its leading space
-    included), 'reasoning' for the other tokens of <think>, 'answer' for the rest. Exact for the warm-up traces
-    (which pieces came from the pool is known there; the test compares), and for samples wherever the model
-    writes pool phrases whole."""
+    tokens, 'filler' for every token of a sentence of <think> without a digit (its leading space included),
+    'reasoning' for the other tokens of <think>, 'answer' for the rest. Every step sentence holds a digit and no
+    pool phrase does, so on warm-up traces this is exactly the pool's tokens (the test compares); on samples it
+    also counts the model's own blends of pool phrases ("Let me think so good.") as filler."""
     ends = [0]
     for piece in pieces:
         ends.append(ends[-1] + len(piece))
@@ -347,7 +346,7 @@ def label_completion(pieces: Sequence[str], special: Sequence[bool]) -> list[str
     think_end = next((ends[i] for i, (p, s) in enumerate(zip(pieces, special)) if s and p == "</think>"), len(text))
     filler_chars = bytearray(len(text))
     for match in _SENTENCE.finditer(text, 0, think_end):
-        if match.group().lstrip(" ") in _POOL:
+        if not any(c.isdigit() for c in match.group()):
             filler_chars[match.start(): match.end()] = b"\x01" * (match.end() - match.start())
     labels = []
     for i, (piece, is_special) in enumerate(zip(pieces, special)):
@@ -421,7 +420,7 @@ def _cmd_credit(args: argparse.Namespace) -> None:
           f"{df['step'].min()}-{df['step'].max()}")
     print("analyze_credit.classify_tokens types (Qwen's rules):")
     print(types[["count", "percent", "mean_log_prob", "mean_abs_contribution"]].to_string(float_format="%.3f"))
-    print("exact parts (pool filler / the step sentences / answer / special tokens):")
+    print("exact parts (filler: digit-free sentences of <think>, i.e. the pool's; reasoning: the step sentences):")
     print(parts.to_string(float_format="%.3f"))
     for name, table, a, b in (("classify", types, "filler", "reasoning"), ("exact", parts, "filler", "reasoning")):
         ratio = table.loc[a, "mean_abs_contribution"] / table.loc[b, "mean_abs_contribution"]
@@ -448,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
         build.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"tiny.{f.name} ({f.default})")
     build.set_defaults(func=_cmd_build)
-    credit = sub.add_parser("credit", help="credit by part: pool filler, reasoning sentences, answer",
+    credit = sub.add_parser("credit", help="credit by part: filler sentences, step sentences, answer",
                             description="Split a run's credit logs into exact parts beside analyze_credit's types.")
     credit.add_argument("--log_path", required=True, help="a credit log file or a run's credit directory")
     credit.add_argument("--model", required=True, help="the words testbed model directory (its tokenizer.json)")

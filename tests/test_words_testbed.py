@@ -137,10 +137,10 @@ def test_label_completion_finds_exactly_the_pool_tokens(problems, bpe):
             expected += ["special" if t in added else part for t in piece_ids]
         pieces = [bpe.decode([t], skip_special_tokens=False) for t in ids]
         assert wt.label_completion(pieces, [t in added for t in ids]) == expected
-    # a pool phrase written inside a step sentence, or after </think>, is not filler
-    pieces = ["Take", " 5", " and", " Hmm", ".", "</think>", " Hmm", "."]
-    assert wt.label_completion(pieces, [p == "</think>" for p in pieces]) == ["reasoning"] * 5 + ["special", "answer",
-                                                                                                 "answer"]
+    # a pool phrase written inside a step sentence, or after </think>, is not filler; a blend of phrases is
+    pieces = ["Take", " 5", " and", " Hmm", ".", " Let", " me", " think", " so", " good", ".", "</think>", " Hmm", "."]
+    assert wt.label_completion(pieces, [p == "</think>" for p in pieces]) == (
+        ["reasoning"] * 5 + ["filler"] * 6 + ["special", "answer", "answer"])
 
 
 # ----------------------------------------------------------------------------- the model directory
