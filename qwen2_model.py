@@ -680,7 +680,7 @@ class Transformer(nn.Module):
         to slots in [pad_lens[b], own slot], and only slots up to input_pos.max() are read.
 
         head_fn(hidden, lm_head.weight), with compute_logits=False: applied inside forward in place of the
-        full lm_head (e.g. log-probs over chunks, grpo.chunked_token_statistics); its result is
+        full lm_head (e.g. log-probs over chunks, update.chunked_token_statistics); its result is
         ModelOutput.head_output. Inside forward, so FSDP2 / DDP see every use of the weights.
 
         kv_len: with input_pos, attend over cache slots [0, kv_len) (default input_pos.max() + 1, a host sync);
@@ -776,7 +776,7 @@ class Transformer(nn.Module):
     def _head(self, hidden: torch.Tensor, q: torch.Tensor | None, k: torch.Tensor | None, output_hidden: bool,
               output_last_qk: bool, compute_logits: bool, head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None
               ) -> torch.Tensor | ModelOutput:
-        # compute_logits=False: the caller applies lm_head itself, in chunks (grpo.chunked_token_statistics)
+        # compute_logits=False: the caller applies lm_head itself, in chunks (update.chunked_token_statistics)
         logits = self.lm_head(hidden) if compute_logits else None
         head_output = head_fn(hidden, self.lm_head.weight) if head_fn is not None else None
         if not (output_hidden or output_last_qk or head_fn is not None):
