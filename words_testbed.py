@@ -22,34 +22,39 @@ trained on traces that draw from the whole pool, so a sweep of filler_variety ke
 The model is written as an ordinary HF directory (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json) that this repo and `transformers` load.
 
+The task `countdown_words` (registered here; `python train.py --import words_testbed --config ...
+data.task=countdown_words`) is Countdown with this model built on first use, words reference completions, and
+two declared keys: tiny.bpe_vocab_size and tiny.filler_variety.
+
 CLI: ``python words_testbed.py build --out DIR`` builds the model; ``python words_testbed.py credit --log_path
-LOGS --model DIR`` splits a run's credit logs into pool filler / reasoning sentences / answer tokens exactly.
+LOGS --model DIR`` splits a run's credit logs into filler sentences / step sentences / answer tokens exactly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 import sys
 import time
-import types
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import tokenizers
-import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
-from tqdm import tqdm
 
 import countdown_task as task
-from fileio import atomic_write_dir
-from qwen2_model import Transformer
-from tiny_model import EOS_TOKEN, SPECIAL_TOKENS, sft_loss, tiny_config
-from tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer, save_char_tokenizer
+from config import Param, TinySettings
+from tasks import TASKS
+from tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer, TokenizerFileError, save_char_tokenizer
+
+# tiny_model's special tokens, kept whole (copied, not imported: tiny_model needs torch, which the task's
+# registration here must not; a test checks they agree)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
+EOS_TOKEN = "<|endoftext|>"
 
 # Qwen2's pre-tokenizer split (from its tokenizer.json): letters with one leading non-letter, single digits,
 # punctuation runs with an optional leading space, newlines, and whitespace.
@@ -88,22 +93,19 @@ class WordsTestbedError(ValueError):
     """A words-testbed setting, corpus or model directory that cannot work; raised before any training."""
 
 
-@dataclass
-class WordsSettings:
-    """The knobs of the words testbed. The field names of the model and warm-up knobs are those of
-    config.TinySettings, so a config's `tiny` section can be passed as it is once it gains the last two."""
+class CorpusError(WordsTestbedError, task.DatasetError):
+    """The training split is too small to train the vocabulary on (train.py reports it as a data error)."""
 
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 384
-    warmup_steps: int = 700
-    warmup_batch_size: int = 64
-    warmup_lr: float = 3e-3
-    num_train_problems: int = 20000
-    varied_traces: bool = True  # a random one of each problem's solutions per example (else the solver's first)
-    seed: int = 0
+
+class VocabularyError(WordsTestbedError, TokenizerFileError):
+    """A tokenizer that does not match its model's vocab_size (train.py reports it as a tokenizer error)."""
+
+
+@dataclass
+class WordsSettings(TinySettings):
+    """config.TinySettings (the model's shape and warm-up) with the testbed's two keys, declared by the
+    countdown_words task below as tiny.bpe_vocab_size and tiny.filler_variety."""
+
     bpe_vocab_size: int = 640  # tokens in the BPE vocabulary, special tokens and the 256 bytes included
     filler_variety: int = 32  # filler phrases drawn from uniformly: log(filler_variety) nats per slot; 0 = none
 
@@ -153,17 +155,18 @@ def words_trace(solution: task.Solution, filler_variety: int, rng: random.Random
     return "".join(text for text, _ in trace_parts(solution, filler_variety, rng))
 
 
-def words_example(problem: task.CountdownProblem, tokenizer: Tokenizer, settings: WordsSettings,
-                  rng: random.Random, filler_rng: random.Random, prompt_style: str = "compact",
-                  ) -> tuple[list[int], int] | None:
-    """(prompt + words trace + eos token ids, prompt length), or None when the problem has no solution:
-    tiny_model.sft_example with the trace in words."""
-    solution = task.solve(problem.numbers, problem.target, rng if settings.varied_traces else None)
-    if solution is None:
-        return None
-    prompt = tokenizer.encode(task.build_prompt(problem, prompt_style))
-    completion = tokenizer.encode(words_trace(solution, settings.filler_variety, filler_rng))
-    return prompt + completion + [tokenizer.eos_token_id], len(prompt)
+def words_drawer(problems: Sequence[task.CountdownProblem], settings: WordsSettings, prompt_style: str = "compact",
+                 ) -> Callable[[random.Random], tuple[str, str]]:
+    """A tiny_model.DrawExample of words traces: (prompt, completion) with the problem and the solution drawn
+    from the rng it is given, the filler from a stream of its own (seed + 1)."""
+    filler_rng = random.Random(settings.seed + 1)
+
+    def draw(rng: random.Random) -> tuple[str, str]:
+        p = problems[rng.randrange(len(problems))]
+        solution = task.solve(p.numbers, p.target, rng if settings.varied_traces else None)
+        return task.build_prompt(p, prompt_style), words_trace(solution, settings.filler_variety, filler_rng)
+
+    return draw
 
 
 def corpus(problems: Sequence[task.CountdownProblem], seed: int, prompt_style: str = "compact") -> list[str]:
@@ -189,7 +192,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
         raise WordsTestbedError(f"tiny.bpe_vocab_size={vocab_size}: must exceed {floor} (the special tokens and "
                                 f"the 256 byte tokens) to leave room for merges")
     if len(texts) < MIN_TRACES:
-        raise WordsTestbedError(f"the warm-up corpus has {len(texts)} traces, too few to train the vocabulary on "
+        raise CorpusError(f"the warm-up corpus has {len(texts)} traces, too few to train the vocabulary on "
                                 f"(at least {MIN_TRACES}); raise tiny.num_train_problems or give a larger training set")
     tok = tokenizers.Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -203,7 +206,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size(with_added_tokens=True) < vocab_size:
-        raise WordsTestbedError(
+        raise CorpusError(
             f"the warm-up corpus ({len(texts)} traces) supports only {tok.get_vocab_size(with_added_tokens=True)} "
             f"BPE tokens, fewer than tiny.bpe_vocab_size={vocab_size}: lower tiny.bpe_vocab_size or raise "
             f"tiny.num_train_problems")
@@ -218,47 +221,16 @@ def check_vocab(model_dir: str | Path) -> int:
     config_file, tokenizer_file = model_dir / "config.json", model_dir / TOKENIZER_FILE
     for file in (config_file, tokenizer_file):
         if not file.is_file():
-            raise WordsTestbedError(f"{file} not found: {model_dir} is not a words testbed model directory")
+            raise VocabularyError(f"{file} not found: {model_dir} is not a words testbed model directory")
     model_vocab = json.loads(config_file.read_text())["vocab_size"]
     tokenizer_vocab = Tokenizer(model_dir).vocab_size
     if model_vocab != tokenizer_vocab:
-        raise WordsTestbedError(f"{tokenizer_file} has {tokenizer_vocab} tokens but {config_file} says "
+        raise VocabularyError(f"{tokenizer_file} has {tokenizer_vocab} tokens but {config_file} says "
                                 f"vocab_size={model_vocab}: the tokenizer does not belong to this model")
     return model_vocab
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def warmup_lr(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of `peak` (tiny_model's schedule)."""
-    warm = max(1, steps // 20)
-    if step < warm:
-        return peak * (step + 1) / warm
-    frac = (step - warm) / max(1, steps - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def warm_up(model: Transformer, next_batch: Callable[[], list[tuple[list[int], int]]], steps: int, lr: float,
-            pad_id: int, desc: str) -> list[float]:
-    """Teacher forcing on `next_batch()` examples for `steps` AdamW steps; the per-step losses.
-    tiny_model.build_tiny_model's loop, factored out (the report proposes moving it there)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    model.train()
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(step, steps, lr)
-        loss = sft_loss(model, next_batch(), pad_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
-    return losses
 
 
 def check_settings(settings: WordsSettings) -> None:
@@ -275,56 +247,136 @@ def check_settings(settings: WordsSettings) -> None:
 
 def build_words_model(settings: WordsSettings, out_dir: str | Path, train_set: Sequence[task.CountdownProblem],
                       prompt_style: str = "compact") -> Path:
-    """Train the vocabulary on the training split's prompts and traces, warm the model up on words traces of it (the eval
-    problems stay unseen), and write the model directory atomically. Deterministic for `settings.seed` on a
-    given machine and thread count."""
+    """Train the vocabulary on the training split's prompts and traces, warm the model up on words traces of
+    it (the eval problems stay unseen), and write the model directory atomically. Deterministic for
+    `settings.seed` on a given machine and thread count."""
     check_settings(settings)
-    out_dir = Path(out_dir)
     t_start = time.perf_counter()
     problems = [p for p in train_set[: settings.num_train_problems] if task.solve(p.numbers, p.target) is not None]
     backend = train_bpe(corpus(problems, settings.seed, prompt_style), settings.bpe_vocab_size)
+    # completion lengths of a sample of warm-up traces, to size training.max_new_tokens by
+    sample = words_drawer(problems, settings, prompt_style)
+    rng = random.Random(settings.seed + 2)
+    lengths = [len(backend.encode(sample(rng)[1], add_special_tokens=False).ids) + 1 for _ in range(2000)]
+    record = {"testbed": "words", "bpe_vocab_size": settings.bpe_vocab_size,
+              "filler_variety": settings.filler_variety, "prompt_style": prompt_style,
+              "completion_tokens": {"mean": sum(lengths) / len(lengths), "max": max(lengths)},
+              "bpe_seconds": time.perf_counter() - t_start}
+    print(f"[words] vocabulary of {settings.bpe_vocab_size} tokens trained; completions of "
+          f"{record['completion_tokens']['mean']:.1f} tokens on average (at most {max(lengths)}), "
+          f"filler variety {settings.filler_variety}")
+    _build_tiny_model(settings, out_dir, words_drawer(problems, settings, prompt_style), len(problems),
+                      backend, record)
+    check_vocab(out_dir)
+    return Path(out_dir)
+
+
+def _build_tiny_model(s: WordsSettings, out_dir: str | Path, draw_example: Callable[[random.Random], tuple[str, str]],
+                      num_problems: int, backend: tokenizers.Tokenizer, record: Mapping[str, Any]) -> Path:
+    """INTERIM: tiny_model.build_tiny_model with a `backend` and a `record` argument (W's report: a 4-line
+    change there, which leaves the character build bit for bit as it is). Once it lands, call
+    tiny_model.build_tiny_model(s, out_dir, draw_example, num_problems, backend=backend, record=record) and
+    delete this function."""
+    import math
+
+    import torch
+    from tqdm import tqdm
+
+    from fileio import atomic_write_dir
+    from qwen2_model import Transformer
+    from tiny_model import sft_loss, tiny_config
+
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    torch.manual_seed(s.seed)
+    rng = random.Random(s.seed)
     staging = out_dir.with_name(out_dir.name + ".tokenizer")
-    save_char_tokenizer(backend, staging, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)  # any tokenizers.Tokenizer
+    save_char_tokenizer(backend, staging, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
     tokenizer = Tokenizer(staging)
-    print(f"[words] building the words testbed at {out_dir}: vocabulary {tokenizer.vocab_size} tokens, filler "
-          f"variety {settings.filler_variety}, {settings.warmup_steps} warm-up steps")
-
-    torch.manual_seed(settings.seed)
-    model = Transformer.from_config(tiny_config(types.SimpleNamespace(tiny=settings), tokenizer.vocab_size),
-                                    dtype=torch.float32)
+    model = Transformer.from_config(tiny_config(s, tokenizer.vocab_size), dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
-    rng, filler_rng = random.Random(settings.seed), random.Random(settings.seed + 1)
-    lengths: list[int] = []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.warmup_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = max(1, s.warmup_steps // 20)
 
-    def next_batch() -> list[tuple[list[int], int]]:
-        batch = [words_example(problems[rng.randrange(len(problems))], tokenizer, settings, rng, filler_rng,
-                               prompt_style) for _ in range(settings.warmup_batch_size)]
-        lengths.extend(len(ids) - n for ids, n in batch)
-        return batch
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < warm:
+            return s.warmup_lr * (step + 1) / warm
+        frac = (step - warm) / max(1, s.warmup_steps - warm)
+        return s.warmup_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    losses = warm_up(model, next_batch, settings.warmup_steps, settings.warmup_lr, tokenizer.pad_token_id,
-                     f"[words] warm-up ({n_params / 1e6:.2f}M params)")
-    final_loss = sum(losses[-50:]) / len(losses[-50:])
+    def example() -> tuple[list[int], int]:
+        prompt, completion = draw_example(rng)
+        ids = tokenizer.encode(prompt)
+        return ids + tokenizer.encode(completion) + [tokenizer.eos_token_id], len(ids)
+
+    model.train()
+    losses = []
+    for step in tqdm(range(s.warmup_steps), desc=f"[words] warm-up ({n_params / 1e6:.2f}M params)"):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = sft_loss(model, [example() for _ in range(s.warmup_batch_size)], tokenizer.pad_token_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
             (tmp / name).write_bytes((staging / name).read_bytes())
         (tmp / "warmup.json").write_text(json.dumps({
-            "testbed": "words", "settings": asdict(settings), "prompt_style": prompt_style, "params": n_params, "vocab_size": tokenizer.vocab_size,
-            "final_loss": final_loss, "seconds": time.perf_counter() - t_start, "problems": len(problems),
-            "completion_tokens": {"mean": sum(lengths) / len(lengths), "max": max(lengths)},
+            "params": n_params, "steps": s.warmup_steps, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "seconds": time.perf_counter() - t_start, "problems": num_problems, "seed": s.seed, **record,
         }, indent=2))
 
     atomic_write_dir(out_dir, write, "the words testbed model")
     for f in staging.iterdir():
         f.unlink()
     staging.rmdir()
-    check_vocab(out_dir)
-    print(f"[words] wrote {out_dir} ({n_params / 1e6:.2f}M params, final loss {final_loss:.3f}, completions "
-          f"{sum(lengths) / len(lengths):.1f} tokens on average, at most {max(lengths)}; "
+    print(f"[words] wrote {out_dir} ({n_params / 1e6:.2f}M params, final loss {sum(losses[-50:]) / 50:.3f}, "
           f"{time.perf_counter() - t_start:.0f}s)")
     return out_dir
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def _is_filler_variety(value: object) -> bool:
+    try:
+        check_filler_variety(value)
+    except WordsTestbedError:
+        return False
+    return True
+
+
+@TASKS.register("countdown_words", params={
+    **TASKS.params("countdown"),
+    "bpe_vocab_size": Param(640, "tokens in the words testbed's BPE vocabulary (the 7 special tokens and 256 bytes "
+                            "included)", "an integer > 263", lambda v: v > 263, int, section="tiny"),
+    "filler_variety": Param(32, "filler phrases the words testbed draws from uniformly (log of it: the filler's "
+                            "entropy in nats per slot)", f"an integer from 0 to {len(FILLER_POOL)}",
+                            _is_filler_variety, int, section="tiny"),
+})
+class CountdownWordsTask(task.CountdownTask):
+    """Countdown on the words testbed: the same problems, prompts and reward as `countdown`; the built-in model
+    (model.build_tiny) is the words testbed's, and reference completions are words traces."""
+
+    def reference_completion(self, problem: task.CountdownProblem) -> str | None:
+        solution = task.solve(problem.numbers, problem.target)
+        if solution is None:
+            return None
+        # the filler is seeded by the problem so a resumed run injects the same text (string seeds hash stably)
+        rng = random.Random(f"{self.config.tiny.seed}:{problem.numbers}:{problem.target}")
+        return words_trace(solution, self.config.tiny.filler_variety, rng)
+
+    def build_model(self, path: Path, train_set: Sequence[Any]) -> None:
+        build_words_model(self.config.tiny, path, train_set, self.config.data.prompt_style)
+
+    def model_path(self, train_set: Sequence[Any]) -> Path:
+        path = super().model_path(train_set)
+        check_vocab(path)  # a tokenizer that is not the model's: an error before training starts
+        return path
 
 
 # ----------------------------------------------------------------------------- exact token parts
@@ -402,6 +454,8 @@ def _parse_bool(text: str) -> bool:
 
 def _cmd_build(args: argparse.Namespace) -> None:
     if args.num_threads:
+        import torch
+
         torch.set_num_threads(args.num_threads)
     settings = WordsSettings(**{f.name: getattr(args, f.name) for f in fields(WordsSettings)})
     check_settings(settings)  # before the data is generated

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import countdown_task as task
+import train
 import words_testbed as wt
 from qwen2_model import Transformer
 from tiny_model import SPECIAL_TOKENS
@@ -171,7 +172,8 @@ def test_model_directory_loads_in_this_repo_and_in_transformers(built, problems)
     with torch.no_grad():
         assert (ours(torch.tensor([ids])) - ref(torch.tensor([ids])).logits).abs().max() < 1e-4
     record = json.loads((built / "warmup.json").read_text())
-    assert record["testbed"] == "words" and record["settings"]["filler_variety"] == 5
+    assert record["testbed"] == "words" and record["filler_variety"] == 5 and record["steps"] == 3
+    assert wt.SPECIAL_TOKENS == SPECIAL_TOKENS and wt.EOS_TOKEN == SPECIAL_TOKENS[0]  # tiny_model's, kept whole
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -204,3 +206,46 @@ def test_a_tokenizer_that_does_not_match_the_models_vocab_size_is_a_clear_error(
     (mixed / "tokenizer.json").write_bytes((built / "tokenizer.json").read_bytes())
     with pytest.raises(wt.WordsTestbedError, match=r"has 600 tokens but .*config.json says vocab_size=104"):
         wt.check_vocab(mixed)
+
+
+# ----------------------------------------------------------------------------- through train.py
+
+
+def run_words(root, *extra):
+    """train.py on the countdown_words task with a 3-step warm-up and a 2-step GRPO run, small shapes."""
+    return train.main(["--import", "words_testbed", "--config", "config_tiny.yaml", "data.task=countdown_words",
+                       "tiny.hidden_size=32", "tiny.intermediate_size=64", "tiny.num_hidden_layers=2",
+                       "tiny.warmup_steps=3", "tiny.warmup_batch_size=4", "tiny.bpe_vocab_size=600",
+                       "tiny.num_train_problems=1500", "data.generate_if_missing=1600", "data.test_size=16",
+                       "eval.num_problems=8", "eval.batch_size=8", "eval.transfer_num_numbers=[]",
+                       "training.num_questions_per_batch=2", "training.num_answers_per_question=2",
+                       "training.max_new_tokens=96", "training.max_steps=2", "training.eval_interval=2",
+                       f"model.path={root}/model", f"data.path={root}/data", f"training.log_dir={root}/logs",
+                       f"training.ckpt_dir={root}/ckpt", f"credit.dir={root}/credit", *extra])
+
+
+@pytest.mark.slow
+def test_the_countdown_words_task_builds_and_trains_through_train_py(tmp_path):
+    assert run_words(tmp_path) == 0
+    assert json.loads((tmp_path / "model" / "warmup.json").read_text())["testbed"] == "words"
+    steps = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert max(s["step"] for s in steps) == 2
+    import parts  # the task's reference completion is a words trace that scores 1.1
+    from tasks import build_task
+
+    words_task = build_task(parts.load_config("config_tiny.yaml", ["data.task=countdown_words"]))
+    problem = task.CountdownProblem((55, 46, 13), 22)
+    reference = words_task.reference_completion(problem)
+    assert "Take " in reference and words_task.reward(problem, reference)["reward"] == pytest.approx(1.1)
+
+
+def test_bad_words_settings_stop_train_py_with_one_clear_line(tmp_path, capsys):
+    assert run_words(tmp_path, "tiny.filler_variety=65") == 2
+    assert "tiny.filler_variety must be an integer from 0 to 64" in capsys.readouterr().err
+    assert run_words(tmp_path, "tiny.num_train_problems=20") == 1  # a corpus too small: before any model
+    assert "too few to train the vocabulary on" in capsys.readouterr().err and not (tmp_path / "model").exists()
+    mixed = make_random_model_dir(tmp_path / "mixed")  # a character model with this testbed's tokenizer
+    wt.train_bpe(wt.corpus(task.generate_problems(2000, num_numbers=(3,), seed=3), seed=0), 600).save(
+        str(mixed / "tokenizer.json"))
+    assert run_words(tmp_path, f"model.path={mixed}", "model.build_tiny=false") == 1
+    assert "has 600 tokens but" in capsys.readouterr().err and not (tmp_path / "logs").exists()
