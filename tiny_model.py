@@ -20,8 +20,10 @@ import random
 import string
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import tokenizers
 import torch
 from tqdm import tqdm
 
@@ -62,10 +64,12 @@ def sft_loss(model: Transformer, batch: list[tuple[list[int], int]], pad_id: int
 DrawExample = Callable[[random.Random], tuple[str, str]]
 
 
-def build_tiny_model(s: TinySettings, out_dir: str | Path, draw_example: DrawExample, num_problems: int) -> Path:
+def build_tiny_model(s: TinySettings, out_dir: str | Path, draw_example: DrawExample, num_problems: int,
+                     backend: tokenizers.Tokenizer | None = None, record: Mapping[str, Any] | None = None) -> Path:
     """Make the tokenizer and model, run the supervised warm-up on examples from `draw_example` (a task draws
     them from its training split, so the eval problems stay unseen; `num_problems` is recorded), and write
-    the model directory atomically."""
+    the model directory atomically. `backend`: the tokenizer (default: the character tokenizer; the words
+    testbed passes its BPE); `record`: more fields for warmup.json."""
     out_dir = Path(out_dir)
     print(f"[tiny] {out_dir} not found: building the built-in tiny model there (one-time, cached; "
           f"{s.warmup_steps} warm-up steps on solver traces)")
@@ -73,7 +77,7 @@ def build_tiny_model(s: TinySettings, out_dir: str | Path, draw_example: DrawExa
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
 
-    backend = build_char_tokenizer(ALPHABET, SPECIAL_TOKENS)
+    backend = build_char_tokenizer(ALPHABET, SPECIAL_TOKENS) if backend is None else backend
     staging = out_dir.with_name(out_dir.name + ".tokenizer")
     save_char_tokenizer(backend, staging, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
     tokenizer = Tokenizer(staging)
@@ -116,7 +120,7 @@ def build_tiny_model(s: TinySettings, out_dir: str | Path, draw_example: DrawExa
             (tmp / name).write_bytes((staging / name).read_bytes())
         (tmp / "warmup.json").write_text(json.dumps({
             "params": n_params, "steps": s.warmup_steps, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-            "seconds": time.perf_counter() - t_start, "problems": num_problems, "seed": s.seed,
+            "seconds": time.perf_counter() - t_start, "problems": num_problems, "seed": s.seed, **(record or {}),
         }, indent=2))
 
     atomic_write_dir(out_dir, write, "the tiny model")

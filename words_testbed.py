@@ -38,7 +38,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -49,12 +49,11 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 import countdown_task as task
 from config import Param, TinySettings
 from tasks import TASKS
-from tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer, TokenizerFileError, save_char_tokenizer
+from tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerFileError
 
 # tiny_model's special tokens, kept whole (copied, not imported: tiny_model needs torch, which the task's
 # registration here must not; a test checks they agree)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
-EOS_TOKEN = "<|endoftext|>"
 
 # Qwen2's pre-tokenizer split (from its tokenizer.json): letters with one leading non-letter, single digits,
 # punctuation runs with an optional leading space, newlines, and whitespace.
@@ -250,6 +249,8 @@ def build_words_model(settings: WordsSettings, out_dir: str | Path, train_set: S
     """Train the vocabulary on the training split's prompts and traces, warm the model up on words traces of
     it (the eval problems stay unseen), and write the model directory atomically. Deterministic for
     `settings.seed` on a given machine and thread count."""
+    import tiny_model  # needs torch: imported only to build
+
     check_settings(settings)
     t_start = time.perf_counter()
     problems = [p for p in train_set[: settings.num_train_problems] if task.solve(p.numbers, p.target) is not None]
@@ -265,81 +266,10 @@ def build_words_model(settings: WordsSettings, out_dir: str | Path, train_set: S
     print(f"[words] vocabulary of {settings.bpe_vocab_size} tokens trained; completions of "
           f"{record['completion_tokens']['mean']:.1f} tokens on average (at most {max(lengths)}), "
           f"filler variety {settings.filler_variety}")
-    _build_tiny_model(settings, out_dir, words_drawer(problems, settings, prompt_style), len(problems),
-                      backend, record)
+    tiny_model.build_tiny_model(settings, out_dir, words_drawer(problems, settings, prompt_style), len(problems),
+                                backend=backend, record=record)
     check_vocab(out_dir)
     return Path(out_dir)
-
-
-def _build_tiny_model(s: WordsSettings, out_dir: str | Path, draw_example: Callable[[random.Random], tuple[str, str]],
-                      num_problems: int, backend: tokenizers.Tokenizer, record: Mapping[str, Any]) -> Path:
-    """INTERIM: tiny_model.build_tiny_model with a `backend` and a `record` argument (W's report: a 4-line
-    change there, which leaves the character build bit for bit as it is). Once it lands, call
-    tiny_model.build_tiny_model(s, out_dir, draw_example, num_problems, backend=backend, record=record) and
-    delete this function."""
-    import math
-
-    import torch
-    from tqdm import tqdm
-
-    from fileio import atomic_write_dir
-    from qwen2_model import Transformer
-    from tiny_model import sft_loss, tiny_config
-
-    out_dir = Path(out_dir)
-    t_start = time.perf_counter()
-    torch.manual_seed(s.seed)
-    rng = random.Random(s.seed)
-    staging = out_dir.with_name(out_dir.name + ".tokenizer")
-    save_char_tokenizer(backend, staging, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
-    tokenizer = Tokenizer(staging)
-    model = Transformer.from_config(tiny_config(s, tokenizer.vocab_size), dtype=torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.warmup_lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warm = max(1, s.warmup_steps // 20)
-
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        if step < warm:
-            return s.warmup_lr * (step + 1) / warm
-        frac = (step - warm) / max(1, s.warmup_steps - warm)
-        return s.warmup_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    def example() -> tuple[list[int], int]:
-        prompt, completion = draw_example(rng)
-        ids = tokenizer.encode(prompt)
-        return ids + tokenizer.encode(completion) + [tokenizer.eos_token_id], len(ids)
-
-    model.train()
-    losses = []
-    for step in tqdm(range(s.warmup_steps), desc=f"[words] warm-up ({n_params / 1e6:.2f}M params)"):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        loss = sft_loss(model, [example() for _ in range(s.warmup_batch_size)], tokenizer.pad_token_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
-            (tmp / name).write_bytes((staging / name).read_bytes())
-        (tmp / "warmup.json").write_text(json.dumps({
-            "params": n_params, "steps": s.warmup_steps, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-            "seconds": time.perf_counter() - t_start, "problems": num_problems, "seed": s.seed, **record,
-        }, indent=2))
-
-    atomic_write_dir(out_dir, write, "the words testbed model")
-    for f in staging.iterdir():
-        f.unlink()
-    staging.rmdir()
-    print(f"[words] wrote {out_dir} ({n_params / 1e6:.2f}M params, final loss {sum(losses[-50:]) / 50:.3f}, "
-          f"{time.perf_counter() - t_start:.0f}s)")
-    return out_dir
-
-
-# ----------------------------------------------------------------------------- the task
 
 
 def _is_filler_variety(value: object) -> bool:

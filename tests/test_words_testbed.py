@@ -16,29 +16,11 @@ import torch
 import countdown_task as task
 import train
 from qwen2_model import Transformer
-from tasks import TASKS
 from tiny_model import SPECIAL_TOKENS
+import words_testbed as wt
 from tokenizer import Tokenizer
 
 from conftest import make_random_model_dir
-
-# Importing words_testbed registers data.task=countdown_words. Until parts.py imports it (then every test sees
-# it and this block can go), only this module's tests may: the entry this import made is taken out at
-# collection, so other modules' "valid: bandit, countdown, gsm8k" hold, and is put back during these tests.
-_IMPORTED_ELSEWHERE = "words_testbed" in sys.modules
-import words_testbed as wt  # noqa: E402
-
-_ENTRY = None if _IMPORTED_ELSEWHERE else (TASKS._parts.pop("countdown_words"), TASKS._params.pop("countdown_words"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _countdown_words_registered():
-    if _ENTRY is None:
-        yield
-        return
-    TASKS._parts["countdown_words"], TASKS._params["countdown_words"] = _ENTRY
-    yield
-    del TASKS._parts["countdown_words"], TASKS._params["countdown_words"]
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +174,7 @@ def test_model_directory_loads_in_this_repo_and_in_transformers(built, problems)
         assert (ours(torch.tensor([ids])) - ref(torch.tensor([ids])).logits).abs().max() < 1e-4
     record = json.loads((built / "warmup.json").read_text())
     assert record["testbed"] == "words" and record["filler_variety"] == 5 and record["steps"] == 3
-    assert wt.SPECIAL_TOKENS == SPECIAL_TOKENS and wt.EOS_TOKEN == SPECIAL_TOKENS[0]  # tiny_model's, kept whole
+    assert wt.SPECIAL_TOKENS == SPECIAL_TOKENS  # tiny_model's, kept whole
 
 
 # ----------------------------------------------------------------------------- bad input
