@@ -28,6 +28,7 @@ import argparse
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -578,6 +579,16 @@ def reward_function(
 # --------------------------------------------------------------------------- the task
 
 
+# An equation of the trace, "55-46=9"; the lookbehind starts a match only at a digit run's first digit, so a
+# long run of digits is scanned once (linear time on whatever the model writes)
+EQUATION = re.compile(r"(?<!\d)\d+\s*[-+*/]\s*\d+\s*=\s*\d+")
+
+
+def equation_ends(text: str) -> list[int]:
+    """Countdown's reasoning steps end after each equation ("55-46=9"); the answer runs to the end."""
+    return [m.end() for m in EQUATION.finditer(text)]
+
+
 def _counts(v: list[int]) -> bool:
     return all(n >= 2 for n in v)
 
@@ -615,6 +626,9 @@ class CountdownTask(Task):
     def reference_completion(self, problem: CountdownProblem) -> str | None:
         solution = solve(problem.numbers, problem.target)
         return None if solution is None else format_trace(solution)
+
+    def step_ends(self, text: str) -> list[int]:
+        return equation_ends(text)
 
     def eval_group(self, problem: CountdownProblem) -> str:
         return f"{len(problem.numbers)}num"

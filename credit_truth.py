@@ -48,10 +48,11 @@ from scipy.stats import rankdata
 import analyze_credit
 import credit_values as cv
 import grpo
-from config import Config, load_config, weighter_values
+from config import Config
 from data_types import Episode, TokenBatch
 from fileio import atomic_write_dir
-from grpo_mitigations import build_weighter
+from grpo_mitigations import WEIGHTERS as WEIGHTER_REGISTRY, build_weighter
+from parts import load_config
 from qwen2_model import Transformer
 from rollout import RolloutEngine, rollout, stream_key
 from tasks import Task, build_task
@@ -183,13 +184,11 @@ def task_reward_fn(task: Task, tokenizer: Tokenizer, problem: Any) -> cv.RewardF
 
 
 def unit_positions(episode: Episode, tokenizer: Tokenizer, task: Task, unit: str) -> list[int] | None:
-    """The states to value: every token's (None), or the task's step boundaries (credit_values.STEP_ENDS)."""
+    """The states to value: every token's (None), or the task's step boundaries (Task.step_ends: a task without
+    steps gives one step, the whole completion)."""
     if unit == "token":
         return None
-    ends = cv.STEP_ENDS.get(task.name)
-    if ends is None:
-        raise ValueError(f"--unit step: task {task.name!r} has no step definition; valid: {', '.join(cv.STEP_ENDS)}")
-    return cv.step_positions(tokenizer.decode, episode.generated_token_ids, ends(episode.text))
+    return cv.step_positions(tokenizer.decode, episode.generated_token_ids, task.step_ends(episode.text))
 
 
 @dataclass
@@ -238,13 +237,15 @@ def token_batch(fwd: Any, episodes: Sequence[Episode], advantages: torch.Tensor)
 
 def build_weighters(config: Config, model: Transformer, checkpoint: Path) -> dict[str, Any]:
     """Every weighter with the config's parameters; the attribution head too when the checkpoint holds one."""
-    params = weighter_values(config)
-    out = {name: build_weighter(name, hidden_size=model.config.hidden_size, **params) for name in WEIGHTERS}
+    def build(name: str) -> Any:
+        return build_weighter(name, hidden_size=model.config.hidden_size, **WEIGHTER_REGISTRY.values(name, config))
+
+    out = {name: build(name) for name in WEIGHTERS}
     head = checkpoint / "attribution_head.safetensors"
     if head.is_file():
         from safetensors.torch import load_file
 
-        out["attribution"] = build_weighter("attribution", hidden_size=model.config.hidden_size, **params)
+        out["attribution"] = build("attribution")
         out["attribution"].load_state_dict(load_file(str(head)))
     return out
 
@@ -270,12 +271,13 @@ def token_signals(model: Transformer, episodes: Sequence[Episode], advantages: t
 
 
 def episode_advantages(episodes: Sequence[Episode], group_size: int, config: Config) -> torch.Tensor:
-    """[B] the episode-level advantages the training run would give (its estimator; grpo when it has none)."""
+    """[B] the episode-level advantages the training run would give (its estimator; grpo for vine, whose
+    advantages are per token)."""
     a = config.algorithm
-    method = a.adv_estimator if a.adv_estimator in grpo.ADVANTAGE_FNS else "grpo"
+    method = "grpo" if a.adv_estimator == "vine" else a.adv_estimator
     rewards = torch.tensor([e.reward for e in episodes]).view(-1, group_size)
-    return grpo.compute_advantages(rewards, method, eps=a.adv_eps, tau=a.tau, soft_reweight=a.soft_reweight,
-                                   reweight_eps=a.soft_reweight_eps).flatten()
+    return grpo.compute_advantages(rewards, method, soft_reweight=a.soft_reweight, reweight_eps=a.soft_reweight_eps,
+                                   **grpo.ADVANTAGES.values(method, config)).flatten()
 
 
 def to_steps(token_signal: np.ndarray, positions: np.ndarray) -> np.ndarray:

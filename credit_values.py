@@ -1,13 +1,14 @@
 """Monte-Carlo values of the prefixes of a completion: the credit ground truth (VinePPO, Kazemnejad et al.,
-arXiv 2410.01679, ICML 2025).
+arXiv 2410.01679, ICML 2025), and VinePPO's advantages from them (`algorithm.adv_estimator: vine`).
 
 State p of an episode is the prompt plus the first p completion tokens (p = 0: the prompt alone). Its value
-V(p) = E[r(completion)] over continuations sampled from the policy at `temperature` until the end token or
-until the completion holds `max_new_tokens` tokens, estimated by the mean reward of K continuations with
-standard error sample SD / sqrt(K). A finished state (the completion ends with an end token, or is full) is
-worth its reward exactly, error 0. The MC advantage of the token at position p is V(p + 1) - V(p) (its error
-sqrt(se(p)^2 + se(p + 1)^2): the states' continuations are drawn independently); at task-defined step
-boundaries b_0 < b_1 < ... the step advantage is V(b_{s+1}) - V(b_s), VinePPO's r + V(s_{t+1}) - V(s_t).
+V(p) = E[r(completion)] over continuations sampled from the policy at `temperature` (and `top_p`) until the
+end token or until the completion holds `max_new_tokens` tokens, estimated by the mean reward of K
+continuations with standard error sample SD / sqrt(K). A finished state (the completion ends with an end
+token, or is full) is worth its reward exactly, error 0. The MC advantage of the token at position p is
+V(p + 1) - V(p) (its error sqrt(se(p)^2 + se(p + 1)^2): the states' continuations are drawn independently);
+at task-defined step boundaries b_0 < b_1 < ... the step advantage is V(b_{s+1}) - V(b_s), VinePPO's
+r + V(s_{t+1}) - V(s_t) (vine_advantages gives it to every token of the step).
 
 Sampling runs on the rollout engine: the K continuations of a state are one engine group (one prefill),
 many states of many episodes go in one call, and identical states (the prompt-alone state of a GRPO group)
@@ -19,18 +20,20 @@ other episodes, or how states are sharded over ranks.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import numbers
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 import distributed
+from config import Param
 from distributed import Dist
+from grpo import ADVANTAGES
 from rollout import RolloutEngine, row_keys, stream_key
 
 RewardFn = Callable[[list[int]], float]
@@ -94,7 +97,7 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def check_settings(k: Any, max_new_tokens: Any, temperature: Any, eos_ids: Sequence[int]) -> None:
+def check_settings(k: Any, max_new_tokens: Any, temperature: Any, eos_ids: Sequence[int], top_p: Any = 1.0) -> None:
     """ValueError naming the first bad argument (a caller may check before it samples the episodes)."""
     if not _is_int(k) or k < 2:
         raise ValueError(f"k must be an integer >= 2 (a standard error needs two continuations), got {k!r}")
@@ -102,6 +105,8 @@ def check_settings(k: Any, max_new_tokens: Any, temperature: Any, eos_ids: Seque
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(temperature, numbers.Real) or not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if not eos_ids or not all(_is_int(e) for e in eos_ids):
         raise ValueError(f"eos_token_id must be a token id or a non-empty sequence of them, got {eos_ids!r}")
 
@@ -214,8 +219,8 @@ def _engine_calls(states: Sequence[StateSpec], k: int, max_rows: int) -> list[li
 
 
 def sample_continuations(engine: RolloutEngine, states: Sequence[StateSpec], k: int, eos_ids: Sequence[int], *,
-                         temperature: float = 1.0, seed: int = 0, max_rows: int = 2048, pad_token_id: int = 0,
-                         cost: ValueCost | None = None) -> list[list[list[int]]]:
+                         temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, max_rows: int = 2048,
+                         pad_token_id: int = 0, cost: ValueCost | None = None) -> list[list[list[int]]]:
     """K continuations of each state, each cut to the state's budget: [state][j] -> token ids. Continuation j
     of a state is keyed by (seed, the state's key, j), so the result does not depend on which states are
     sampled together: a trainer may shard `states` over ranks and concatenate."""
@@ -226,7 +231,7 @@ def sample_continuations(engine: RolloutEngine, states: Sequence[StateSpec], k: 
         keys = row_keys(stream, [states[i].key for i in call for _ in range(k)], [j for _ in call for j in range(k)])
         budget = max(states[i].budget for i in call)
         res = engine.generate([list(states[i].tokens) for i in call], keys, k, budget, list(eos_ids), temperature,
-                              1.0, pad_token_id)
+                              top_p, pad_token_id)
         for n, i in enumerate(call):
             rows = res.tokens[n * k:(n + 1) * k]
             out[i] = [r[:states[i].budget] for r in rows]
@@ -259,7 +264,7 @@ def _score_query(i: int, q: ValueQuery, positions: list[int], slots: list[tuple[
 
 
 def estimate_values(model: torch.nn.Module, queries: Sequence[ValueQuery], *, k: int, max_new_tokens: int,
-                    eos_token_id: int | Sequence[int], temperature: float = 1.0, seed: int = 0,
+                    eos_token_id: int | Sequence[int], temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                     engine: RolloutEngine | None = None, max_rows: int = 2048, pad_token_id: int = 0,
                     dist: Dist = Dist()) -> tuple[list[ValueEstimate], ValueCost]:
     """mc_values for many episodes at once: their distinct states sampled together (plan_states,
@@ -268,7 +273,7 @@ def estimate_values(model: torch.nn.Module, queries: Sequence[ValueQuery], *, k:
     single-process estimates. Every check runs (and each reward_fn is tried on its completion) before any
     sampling; a reward_fn failing later still raises before anything is returned."""
     eos_ids = [eos_token_id] if _is_int(eos_token_id) else list(eos_token_id)
-    check_settings(k, max_new_tokens, temperature, eos_ids)
+    check_settings(k, max_new_tokens, temperature, eos_ids, top_p)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     plan = plan_states(queries, max_new_tokens, eos_ids, vocab)
     for i, q in enumerate(queries):  # a broken reward function fails now, not after the sampling
@@ -277,7 +282,7 @@ def estimate_values(model: torch.nn.Module, queries: Sequence[ValueQuery], *, k:
     mine = distributed.shard(len(plan.states), dist)
     cost = ValueCost()
     part = sample_continuations(engine, plan.states[mine.start:mine.stop], k, eos_ids, temperature=temperature,
-                                seed=seed, max_rows=max_rows, pad_token_id=pad_token_id, cost=cost)
+                                top_p=top_p, seed=seed, max_rows=max_rows, pad_token_id=pad_token_id, cost=cost)
     continuations = distributed.gather(part, dist)
     if dist.enabled:
         totals = distributed.sum_values(vars(cost), dist)
@@ -333,23 +338,6 @@ def token_boundaries(decode: Callable[[list[int]], str], token_ids: Sequence[int
     return out
 
 
-EQUATION = re.compile(r"\d+\s*[-+*/]\s*\d+\s*=\s*\d+")
-
-
-def countdown_step_ends(text: str) -> list[int]:
-    """Countdown's reasoning steps end after each equation ("55-46=9"); the answer runs to the end."""
-    return [m.end() for m in EQUATION.finditer(text)]
-
-
-def line_step_ends(text: str) -> list[int]:
-    """GSM8K's steps end after each line (its newline included)."""
-    return [m.end() for m in re.finditer("\n", text)]
-
-
-STEP_ENDS: dict[str, Callable[[str], list[int]]] = {"countdown": countdown_step_ends, "gsm8k": line_step_ends,
-                                                    "bandit": lambda text: []}
-
-
 def step_positions(decode: Callable[[list[int]], str], completion_ids: Sequence[int], step_ends: Sequence[int]
                    ) -> list[int]:
     """The states at step boundaries: 0, each step end's token position, and the whole completion."""
@@ -360,3 +348,74 @@ def step_positions(decode: Callable[[list[int]], str], completion_ids: Sequence[
 def step_of_token(positions: Sequence[int], n_tokens: int) -> np.ndarray:
     """[n_tokens] the step each token belongs to: token t is in step s when positions[s] <= t < positions[s+1]."""
     return np.array([bisect.bisect_right(positions, t) - 1 for t in range(n_tokens)], dtype=np.int64)
+
+
+# ============================================================================ VinePPO: advantages from the values
+
+VINE_UNITS = ("step", "token")
+
+
+@ADVANTAGES.register("vine", params={
+    "vine_k": Param(8, "vine: Monte-Carlo continuations per state", ">= 2", lambda v: v >= 2, int),
+    "vine_unit": Param("step", "vine: a value at each task-defined step end (Task.step_ends) or at every token",
+                       "step or token", lambda v: v in VINE_UNITS, Literal["step", "token"]),
+    "vine_temperature": Param(None, "vine: the continuations' temperature (default: training.temperature)", "> 0",
+                              lambda v: v > 0, float | None),
+})
+def vine_group_advantages(rewards: torch.Tensor, vine_k: int, vine_unit: str, vine_temperature: float | None
+                          ) -> torch.Tensor:
+    """Registered for its name and keys only: VinePPO's advantages are per token, from the Monte-Carlo values
+    of each episode's states (the trainer calls vine_episode_advantages), not from a group's rewards."""
+    raise ValueError("algorithm.adv_estimator=vine needs the Monte-Carlo values of each episode's states: "
+                     "use credit_values.vine_episode_advantages (the trainer does), not grpo.compute_advantages")
+
+
+def check_unit_positions(positions: Sequence[int], length: int, where: str = "") -> np.ndarray:
+    """positions as an array, or ValueError unless they increase strictly from 0 to `length`."""
+    pos = np.asarray(positions, dtype=np.int64)
+    if pos.ndim != 1 or len(pos) == 0 or pos[0] != 0 or pos[-1] != length or (np.diff(pos) <= 0).any():
+        raise ValueError(f"{where}positions must increase strictly from 0 to the completion's length {length}, "
+                         f"got {pos.tolist()}")
+    return pos
+
+
+def vine_advantages(values: Sequence[float], positions: Sequence[int], length: int) -> np.ndarray:
+    """[length] per-token VinePPO advantages (Kazemnejad et al. 2024, eq. 4 with MC values): states
+    s_0 .. s_S at token positions 0 = positions[0] < ... < positions[S] = length, values[s] = V(s_s), and
+    V(s_S) the episode's reward (the only reward, at the end). Every token t of step s
+    (positions[s] <= t < positions[s + 1]) gets A_s = r_s + V(s_{s+1}) - V(s_s) with r_s = 0, so a
+    completion's advantages telescope: summed per step they give r - V(prompt)."""
+    pos = check_unit_positions(positions, length)
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != pos.shape:
+        raise ValueError(f"values ({len(v)}) and positions ({len(pos)}) must align")
+    return np.repeat(np.diff(v), np.diff(pos))
+
+
+def unit_positions(unit: str, decode: Callable[[list[int]], str], completion_ids: Sequence[int],
+                   step_ends: Sequence[int]) -> list[int]:
+    """The states to value: every token's (0..n), or the step boundaries of `step_ends` (character offsets
+    of the decoded completion; step_positions)."""
+    if unit == "token":
+        return list(range(len(completion_ids) + 1))
+    if unit == "step":
+        return step_positions(decode, completion_ids, step_ends)
+    raise ValueError(f"vine unit {unit!r} is unknown; valid: {', '.join(VINE_UNITS)}")
+
+
+def vine_episode_advantages(model: torch.nn.Module, queries: Sequence[ValueQuery], rewards: Sequence[float], *,
+                            k: int, max_new_tokens: int, eos_token_id: int | Sequence[int], **sampling: Any
+                            ) -> tuple[list[np.ndarray], list[ValueEstimate], ValueCost]:
+    """Per-token VinePPO advantages of each episode (vine_advantages), with its values and the sampling cost.
+    Each query's `positions` run from 0 to its completion's length (None: every token's); the last state is
+    worth the episode's reward (`rewards`, as trained on: shaping included) and is never sampled, so only the
+    states before it are estimated (estimate_values; `sampling`: temperature, top_p, seed, engine, max_rows,
+    pad_token_id, dist)."""
+    positions = [check_unit_positions(range(len(q.completion_ids) + 1) if q.positions is None else q.positions,
+                                      len(q.completion_ids), f"episode {i}: ") for i, q in enumerate(queries)]
+    inner = [dataclasses.replace(q, positions=p[:-1].tolist()) for q, p in zip(queries, positions)]
+    estimates, cost = estimate_values(model, inner, k=k, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                      **sampling)
+    advantages = [vine_advantages(np.append(est.values, float(r)), p, len(q.completion_ids))
+                  for q, p, est, r in zip(queries, positions, estimates, rewards)]
+    return advantages, estimates, cost

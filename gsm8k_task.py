@@ -158,3 +158,7 @@ class GSM8KTask(Task):
 
     def reference_completion(self, problem: GSM8KProblem) -> str:
         return reference_completion(problem)
+
+    def step_ends(self, text: str) -> list[int]:
+        """A step is a line of the worked solution (its newline included)."""
+        return [m.end() for m in re.finditer("\n", text)]

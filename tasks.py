@@ -2,9 +2,10 @@
 
 A task gives the dataset (train and test problems), the prompt, the reward (with its parts `format_reward`
 and `answer_reward`; an eval counts `answer_reward == 1` as solved), an optional reference solution (for
-teacher forcing and ground-truth injection), how an eval is broken down, and how to build its built-in model
-when `model.build_tiny` is set. Each task is one class in its own module, registered there with the config
-keys it declares (countdown_task.py, bandit_task.py, gsm8k_task.py; parts.py imports them):
+teacher forcing and ground-truth injection), how an eval is broken down, where a completion's reasoning steps
+end (step-level credit: `algorithm.vine_unit=step`), and how to build its built-in model when `model.build_tiny`
+is set. Each task is one class in its own module, registered there with the config keys it declares
+(countdown_task.py, bandit_task.py, gsm8k_task.py; parts.py imports them):
 
     @TASKS.register("sokoban", params={"board_size": Param(6, "board side", ">= 4", lambda v: v >= 4, int)})
     class SokobanTask(Task):
@@ -44,6 +45,13 @@ class Task:
     def reference_completion(self, problem: Any) -> str | None:
         """A correct completion (without the end token), or None when the task has no solver for it."""
         return None
+
+    def step_ends(self, text: str) -> list[int]:
+        """Where the reasoning steps of a completion end, as character offsets into its text (the end token
+        not included): the state boundaries of step-level Monte-Carlo values (credit_values.step_positions,
+        `algorithm.vine_unit=step`, credit_truth.py --unit step). Default: none, one step is the whole
+        completion."""
+        return []
 
     def eval_group(self, problem: Any) -> str | None:
         """A label to break eval success down by (e.g. "3num"), or None."""

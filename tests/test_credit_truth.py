@@ -16,6 +16,7 @@ from scipy.stats import spearmanr
 
 import credit_truth as ct
 import tasks
+from countdown_task import CountdownTask
 from conftest import run_config
 
 
@@ -129,13 +130,21 @@ def test_steps_sum_their_tokens():
 # ============================================================================ the command end to end
 
 
-@tasks.register_task("digits_for_credit_tests")
-class DigitsTask(tasks.CountdownTask):
+class DigitsTask(CountdownTask):
     """Countdown's problems with a reward that a random model varies: the share of digits in the completion."""
 
     def reward(self, problem, completion: str) -> dict:
         share = sum(c.isdigit() for c in completion) / 12
         return {"reward": share, "reward_info": {"format_reward": 0.0, "answer_reward": float(share > 0.5)}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def digits_task():
+    """data.task=digits_for_credit_tests during this module's tests only (other modules list the tasks)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(tasks.TASKS._parts, "digits_for_credit_tests", DigitsTask)
+        mp.setitem(tasks.TASKS._params, "digits_for_credit_tests", {})
+        yield
 
 
 def write_config(tmp_path, tiny_assets, task: str) -> str:

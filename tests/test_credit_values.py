@@ -16,8 +16,12 @@ import pytest
 import torch
 
 import bandit_task
+import countdown_task
 import credit_values as cv
 import distributed
+import gsm8k_task
+import parts
+import tasks
 from qwen2_model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -273,8 +277,12 @@ def test_bad_input_is_one_error_naming_the_argument_or_episode(policy):
 
 def test_countdown_and_gsm8k_step_ends():
     text = "55-46=9, 9+13=22</think>\n<answer>(55-46)+13</answer>"
-    assert [text[:e] for e in cv.countdown_step_ends(text)] == ["55-46=9", "55-46=9, 9+13=22"]
-    assert cv.line_step_ends("a\nbb\n\nc") == [2, 5, 6]
+    assert [text[:e] for e in countdown_task.equation_ends(text)] == ["55-46=9", "55-46=9, 9+13=22"]
+    assert countdown_task.equation_ends("1" * 50 + "+2=3 and 12 * 3 = 36") == [54, 70]
+    config = parts.load_config(None)
+    assert tasks.TASKS.get("countdown")(config).step_ends(text) == countdown_task.equation_ends(text)
+    assert tasks.TASKS.get("gsm8k")(config).step_ends("a\nbb\n\nc") == [2, 5, 6]
+    assert tasks.TASKS.get("bandit")(config).step_ends("a\nb 1+2=3") == []  # no steps: the whole completion
 
 
 def test_token_boundaries_on_a_character_vocabulary(tmp_path):
@@ -287,7 +295,7 @@ def test_token_boundaries_on_a_character_vocabulary(tmp_path):
     text = "55-46=9, 9+13=22</think>\n<answer>(55-46)+13</answer>"
     ids = tok.encode(text)
     assert len(ids) < len(text)  # the tags are single tokens
-    ends = cv.countdown_step_ends(text)
+    ends = countdown_task.equation_ends(text)
     positions = cv.step_positions(tok.decode, ids + [tok.eos_token_id], ends)
     assert [tok.decode(ids[:p]) for p in positions[1:-1]] == ["55-46=9", "55-46=9, 9+13=22"]
     assert positions[0] == 0 and positions[-1] == len(ids) + 1
@@ -301,7 +309,7 @@ def test_token_boundaries_on_qwen3_bpe():
     tok = Tokenizer(qwen_dir())
     text = "Natalia sold 48 clips.\nThen 48 / 2 = 24 more.\nSo 48 + 24 = 72 in all.</think>\n<answer>72</answer>"
     ids = tok.encode(text)
-    ends = cv.line_step_ends(text)
+    ends = gsm8k_task.GSM8KTask(parts.load_config(None)).step_ends(text)
     positions = cv.token_boundaries(tok.decode, ids, ends)
     # each boundary's prefix decodes to the text up to that line's end (BPE may merge the newline into the next
     # token; then the boundary falls after that token, the first prefix holding the whole line)
