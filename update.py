@@ -89,6 +89,55 @@ class Weighter(Protocol):
                     ) -> dict[str, float]: ...
 
 
+# ============================================================================ the advantages it is handed
+
+# One scalar per episode ([B] tensor), or one value per generated token (a sequence of B 1-D tensors/lists)
+Advantages = torch.Tensor | Sequence[Sequence[float] | torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EpisodeAdvantages:
+    """The advantages of a batch of episodes: one scalar each (`tokens` None: broadcast over its tokens, GRPO's
+    form) or one value per generated token (`tokens`, VinePPO's form), with `episode` the per-token mean."""
+
+    episode: torch.Tensor  # [B] float32: the scalar, or the mean of the episode's token advantages
+    tokens: list[torch.Tensor] | None = None  # per episode [len(generated_token_ids)] float32
+
+    @classmethod
+    def of(cls, advantages: Advantages, episodes: Sequence[Episode], device: Any) -> EpisodeAdvantages:
+        """Check `advantages` against `episodes` (one per episode; per token: one per generated token)."""
+        if isinstance(advantages, torch.Tensor) and advantages.dim() == 1:
+            if len(advantages) != len(episodes):
+                raise ValueError(f"advantages: {len(advantages)} values for {len(episodes)} episodes")
+            return cls(advantages.to(device=device, dtype=torch.float32))
+        if isinstance(advantages, torch.Tensor) or len(advantages) != len(episodes):
+            raise ValueError(f"advantages: one scalar per episode ([B] tensor) or one row per episode of per-token "
+                             f"values, for {len(episodes)} episodes")
+        rows = [torch.as_tensor(r, dtype=torch.float32, device=device) for r in advantages]
+        if any(row.dim() != 1 for row in rows):
+            raise ValueError("advantages: per-token rows must be 1-D (one scalar per episode is a [B] tensor)")
+        for i, (row, e) in enumerate(zip(rows, episodes)):
+            if len(row) != len(e.generated_token_ids):
+                raise ValueError(f"advantages[{i}]: {len(row)} values for {len(e.generated_token_ids)} generated "
+                                 "tokens")
+        # the mean in float64: a row of n equal values gives back exactly that value (the scalar form's)
+        means = [row.double().mean() if len(row) else row.new_zeros((), dtype=torch.float64) for row in rows]
+        return cls(torch.stack(means).float() if means else torch.zeros(0, device=device), rows)
+
+    def select(self, index: Sequence[int]) -> EpisodeAdvantages:
+        return EpisodeAdvantages(self.episode[list(index)],
+                                 None if self.tokens is None else [self.tokens[i] for i in index])
+
+    def per_token(self, width: int) -> torch.Tensor:
+        """[b, width]: each token's advantage (the episode's scalar broadcast, or its own; 0 past its end)."""
+        if self.tokens is None:
+            return self.episode[:, None]
+        out = self.episode.new_zeros(len(self.tokens), width)
+        for i, row in enumerate(self.tokens):
+            out[i, : len(row)] = row
+        return out
+
+
 # ============================================================================ forwards and per-token statistics
 
 
@@ -300,18 +349,21 @@ class _Unit:
     frozen: bool = False  # every episode's loss has zero gradient: forward without autograd, no backward
 
 
-def zero_gradient_episodes(advantages: torch.Tensor, settings: UpdateSettings, objective: Objective,
-                           weighter: Weighter | None = None) -> torch.Tensor:
+def zero_gradient_episodes(advantages: torch.Tensor | EpisodeAdvantages, settings: UpdateSettings,
+                           objective: Objective, weighter: Weighter | None = None) -> torch.Tensor:
     """[B] bool: episodes whose loss contributes exactly zero gradient, so the update can skip their backward.
 
     Every registered policy loss is A x (something finite) per token, token weights included (a test checks
-    each loss's gradient at A = 0), so an episode with advantage exactly 0 (a GRPO group whose rewards are all
-    equal) adds exact zeros to the gradient, unless a term does not scale with A: the KL penalty, the entropy
-    bonus, or a learned weighter's own loss (its parameters)."""
+    each loss's gradient at A = 0), so an episode whose advantage is exactly 0 on every token (a GRPO group
+    whose rewards are all equal) adds exact zeros to the gradient, unless a term does not scale with A: the KL
+    penalty, the entropy bonus, or a learned weighter's own loss (its parameters)."""
+    adv = advantages if isinstance(advantages, EpisodeAdvantages) else EpisodeAdvantages(advantages)
     learned = weighter is not None and bool(weighter.parameters())
     if not settings.skip_zero_gradient or objective.beta > 0 or objective.entropy_coef > 0 or learned:
-        return torch.zeros(len(advantages), dtype=torch.bool)
-    return advantages.detach().cpu() == 0
+        return torch.zeros(len(adv.episode), dtype=torch.bool)
+    if adv.tokens is None:
+        return adv.episode.detach().cpu() == 0
+    return torch.tensor([bool((row == 0).all()) for row in adv.tokens], dtype=torch.bool)
 
 
 def _work_units(episodes: Sequence[Episode], teachers: Sequence[Episode], settings: UpdateSettings, d: Dist,
@@ -407,7 +459,7 @@ def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Wei
                              _pad([e.entropies for e in mb], width, 0.0, torch.float32, device), answer_mask & fwd.mask)
 
 
-def _token_weights(weighter: Weighter | None, tok: _MicroBatchTokens, adv: torch.Tensor
+def _token_weights(weighter: Weighter | None, tok: _MicroBatchTokens, adv: EpisodeAdvantages
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step 2, the weighter's per-token weights (1 without one) and its auxiliary loss."""
     if weighter is None:
@@ -421,7 +473,7 @@ def _token_weights(weighter: Weighter | None, tok: _MicroBatchTokens, adv: torch
         rollout_entropy=tok.rollout_entropy, answer_mask=tok.answer_mask, hidden=hidden,
         last_q=fwd.last_q.detach() if fwd.last_q is not None else None,
         last_k=fwd.last_k.detach() if fwd.last_k is not None else None, prompt_lens=fwd.prompt_lens,
-        advantages=adv,
+        advantages=adv.episode,  # one per episode: per-token advantages give their mean
     )
     weights = weighter.weights(batch)
     return weights, weighter.aux_loss(batch, weights)
@@ -496,13 +548,13 @@ class _Pass:
     sums: _Sums
 
 
-def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: torch.Tensor, key: int, p: _Pass
+def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: EpisodeAdvantages, key: int, p: _Pass
                       ) -> torch.Tensor:
     """Steps 1-6 for one micro-batch: the scalar loss whose gradient this micro-batch contributes."""
     tok = _forward_tokens(model, mb, p.weighter, p.settings)
     weights, aux_loss = _token_weights(p.weighter, tok, adv)
     old = _old_log_probs(tok, p.settings, p.iteration, p.old_cache, key)
-    token_adv = adv[:, None] * weights  # step 4: the policy loss sees weighted per-token advantages
+    token_adv = adv.per_token(weights.shape[1]) * weights  # step 4: the policy loss sees weighted per-token advantages
     token_loss, loss_metrics = p.objective.policy_loss(tok.log_probs, old, token_adv, tok.fwd.mask)
     token_loss = token_loss + _kl_and_entropy_terms(tok, mb, p.objective, p.settings, p.ref_model, p.sums)
     loss = p.objective.aggregate(token_loss, tok.fwd.mask, total_tokens=p.totals.tokens,  # step 6
@@ -574,7 +626,7 @@ def update_policy(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     episodes: Sequence[Episode],
-    advantages: torch.Tensor,
+    advantages: Advantages,
     settings: UpdateSettings,
     objective: Objective,
     weighter: Weighter | None = None,
@@ -582,7 +634,8 @@ def update_policy(
     teacher_episodes: Sequence[Episode] = (),
     dist: Dist = Dist(),
 ) -> UpdateStats:
-    """One GRPO update on `episodes` (advantages: one scalar per episode); `num_iterations` optimizer steps.
+    """One GRPO update on `episodes`; `num_iterations` optimizer steps. `advantages`: one scalar per episode
+    ([B] tensor, broadcast over its tokens) or one value per generated token (a sequence of B rows).
 
     Minimizes `objective` (its per-token loss aggregated over the whole batch: micro-batches accumulate with
     the full batch's normalizers), with the weighter's weight w on each token's advantage (1 without one) and
@@ -596,7 +649,7 @@ def update_policy(
     device = next(model.parameters()).device
     head = weighter.parameters() if weighter is not None else []
     params = [p for p in model.parameters() if p.requires_grad] + head
-    adv = advantages.to(device=device, dtype=torch.float32)
+    adv = EpisodeAdvantages.of(advantages, episodes, device)
     teachers = teacher_episodes if objective.teacher_forcing_coef > 0 else ()
     totals = _BatchTotals(len(episodes), sum(len(e.generated_token_ids) for e in episodes),
                           sum(len(e.generated_token_ids) for e in teachers))
@@ -620,7 +673,8 @@ def update_policy(
                 elif unit.kind == "teacher":
                     loss = _teacher_forcing_loss(model, [teachers[j] for j in unit.index], p)
                 else:
-                    loss = _micro_batch_loss(model, [episodes[j] for j in unit.index], adv[unit.index], unit.key, p)
+                    loss = _micro_batch_loss(model, [episodes[j] for j in unit.index], adv.select(unit.index), unit.key,
+                                             p)
             if backward:
                 with gradient_sync(model, dist, sync=i == len(units) - 1):
                     (loss * grad_scale(dist)).backward()

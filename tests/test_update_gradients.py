@@ -175,7 +175,7 @@ def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="no
     rows = []
     for e, lp, logp, w, a in zip(episodes, lps, logps, weights, advantages):
         old = torch.tensor(e.log_probs) if old_mode == "rollout" else lp.detach()
-        row = reference_token_loss(loss_name, lp, old, a * w)
+        row = reference_token_loss(loss_name, lp, old, torch.as_tensor(a, dtype=torch.float32) * w)
         if beta:
             with torch.no_grad():
                 ref_lp, _, _ = per_sequence_forward(ref_model, e)
@@ -233,8 +233,9 @@ def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout",
                                kl_estimator=terms.get("kl", "k3"), entropy_coef=terms.get("entropy_coef", 0.0),
                                **({} if loss_name == "gspo" else {"epsilon_low": EPS_LOW, "epsilon_high": EPS_HIGH}))
     opt = torch.optim.SGD(all_params, lr=1.0)
-    stats = update.update_policy(model, opt, episodes, torch.tensor(advantages), settings, objective, weighter,
-                                 ref_model if terms.get("beta") else None)
+    per_token = isinstance(advantages[0], list)  # one value per generated token, else one per episode
+    stats = update.update_policy(model, opt, episodes, advantages if per_token else torch.tensor(advantages),
+                                 settings, objective, weighter, ref_model if terms.get("beta") else None)
     assert not stats.skipped
     for p, b, e in zip(all_params, before, expected):
         assert p.device.type == device.type
@@ -462,3 +463,88 @@ def test_a_batch_without_any_gradient_still_steps_adamw_exactly_as_the_full_back
     for k in on:
         assert torch.equal(on[k], off[k]), k
     assert any(not torch.equal(on[k], start[k]) for k in on)
+
+
+# ------------------------------------------------------------------ per-token advantages (VinePPO's form)
+
+LENGTHS = [6, 3, 5, 7]  # make_episodes' completion lengths
+
+
+def updated_weights(advantages, loss_name: str = "ppo", weighter_name: str = "attribution", micro: int = 2
+                    ) -> tuple[UpdateStats, dict[str, torch.Tensor]]:
+    model = make_model(0)
+    episodes = make_episodes(model)
+    weighter = (gm.build_weighter(weighter_name, hidden_size=32, objective="advantage_regression")
+                if weighter_name == "attribution" else gm.build_weighter(weighter_name, think_discount=0.3))
+    params = list(model.parameters()) + weighter.parameters()
+    opt = torch.optim.SGD(params, lr=1.0)
+    settings = update.UpdateSettings(micro_batch_size=micro, max_grad_norm=1e9)
+    stats = update.update_policy(model, opt, episodes, advantages, settings, grpo.objective(loss_name), weighter)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state.update({f"head.{i}": p.detach().clone() for i, p in enumerate(weighter.parameters())})
+    return stats, state
+
+
+@pytest.mark.parametrize("weighter_name", ["attribution", "outcome_conditional"])
+@pytest.mark.parametrize("loss_name", ["pg", "ppo", "gspo", "cispo"])
+def test_per_token_advantages_equal_to_the_scalar_give_bitwise_the_same_update(loss_name, weighter_name):
+    """Each episode's scalar repeated on its every token: the same weights, metrics and token arrays, bit for
+    bit, a weighter that reads the per-episode advantage (the regression head) included."""
+    rows = [[a] * n for a, n in zip(ADVANTAGES, LENGTHS)]
+    (s_scalar, w_scalar), (s_tokens, w_tokens) = (updated_weights(adv, loss_name, weighter_name)
+                                                  for adv in (torch.tensor(ADVANTAGES), rows))
+    for k in w_scalar:
+        assert torch.equal(w_scalar[k], w_tokens[k]), k
+    assert s_scalar.metrics == s_tokens.metrics
+    assert s_scalar.token_weights == s_tokens.token_weights
+
+
+@pytest.mark.parametrize("micro", [4, 1])
+@pytest.mark.parametrize("loss_name", ["pg", "ppo", "cispo"])
+def test_per_token_advantages_give_the_formula_gradient(loss_name, micro):
+    """Advantages that vary along each completion: the parameter change is minus the gradient of the formula
+    with A_t on token t."""
+    gen = torch.Generator().manual_seed(9)
+    rows = [torch.randn(n, generator=gen).tolist() for n in LENGTHS]
+    check_update(loss_name, "seq-mean-token-mean", micro, weighter_name="outcome_conditional", advantages=rows)
+
+
+def test_an_advantage_on_one_token_moves_only_that_tokens_log_prob():
+    """pg, token-mean, A = a on token t of episode i alone: the gradient is -a / N_tokens x grad log pi(y_t),
+    written out from one unpadded forward."""
+    a, i, t = 0.7, 2, 3
+    rows = [[0.0] * n for n in LENGTHS]
+    rows[i][t] = a
+    model = make_model(0)
+    episodes = make_episodes(model)
+    lp, _, _ = per_sequence_forward(model, episodes[i])
+    expected = torch.autograd.grad(-a / sum(LENGTHS) * lp[t], list(model.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    settings = update.UpdateSettings(micro_batch_size=2, max_grad_norm=1e9)
+    update.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), episodes, rows, settings,
+                         grpo.objective("pg", "token-mean"))
+    for p, b, g in zip(model.parameters(), before, expected):
+        torch.testing.assert_close(p.detach() - b, -g, rtol=2e-4, atol=2e-7)
+
+
+def test_an_episode_is_skipped_only_when_every_token_advantage_is_zero(monkeypatch):
+    rows = [[0.0] * n for n in LENGTHS]
+    rows[2][4] = 0.5  # episode 2 carries gradient on its last token only
+    frozen = update.zero_gradient_episodes(update.EpisodeAdvantages.of(rows, make_episodes(make_model(0)), "cpu"),
+                                           update.UpdateSettings(), grpo.objective("ppo"))
+    assert frozen.tolist() == [True, True, False, True]
+    modes = record_grad_mode(monkeypatch)
+    check_update("ppo", "token-mean", 1, advantages=rows)
+    assert modes.count(True) == 1 and modes.count(False) == 3
+
+
+def test_per_token_advantages_of_the_wrong_shape_are_one_clear_error():
+    model = make_model(0)
+    episodes = make_episodes(model)
+    settings, objective = update.UpdateSettings(), grpo.objective()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for bad, match in (([[0.1] * n for n in LENGTHS[:3]], "one row per episode"),
+                       ([[0.1] * n for n in [6, 3, 4, 7]], r"advantages\[2\]: 4 values for 5"),
+                       (torch.zeros(3), "3 values for 4 episodes"), (torch.zeros(4, 7), "one row per episode")):
+        with pytest.raises(ValueError, match=match):
+            update.update_policy(model, opt, episodes, bad, settings, objective)
