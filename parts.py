@@ -16,6 +16,7 @@ from pathlib import Path
 import bandit_task  # noqa: F401  (registers data.task=bandit)
 import config
 import countdown_task  # noqa: F401  (registers data.task=countdown)
+import credit_values  # noqa: F401  (registers algorithm.adv_estimator=vine)
 import grpo
 import grpo_mitigations
 import gsm8k_task  # noqa: F401  (registers data.task=gsm8k)
