@@ -153,6 +153,14 @@ def test_on_the_bandit_the_vine_advantage_is_the_reward_minus_the_prompts_value(
 # ============================================================================ the trainer
 
 
+def overlong(length: int, config) -> float:
+    """DAPO's overlong penalty written out: 0 up to max_new_tokens - buffer tokens, then down to -penalty."""
+    a, t = config.algorithm, config.training
+    if a.overlong_buffer_len == 0:
+        return 0.0
+    return min(0.0, -(length - (t.max_new_tokens - a.overlong_buffer_len)) / a.overlong_buffer_len * a.overlong_penalty)
+
+
 def expected_advantages(assets: dict, episodes: list, config, step: int) -> tuple[list[np.ndarray], cv.ValueCost]:
     """The per-token advantages of `episodes` recomputed apart from the trainer: the initial model's values at
     the task's step boundaries (or every token), the reward at the end, the step's key."""
@@ -166,7 +174,7 @@ def expected_advantages(assets: dict, episodes: list, config, step: int) -> tupl
                else cv.step_positions(tok.decode, ids, task.step_ends(e.text)))
         positions.append(pos)
         queries.append(cv.ValueQuery(e.prompt_token_ids, ids, lambda c, p=e.problem: task.reward(
-            p, tok.decode(c[:-1] if c and c[-1] in end else c))["reward"], pos[:-1]))
+            p, tok.decode(c[:-1] if c and c[-1] in end else c))["reward"] + overlong(len(c), config), pos[:-1]))
     estimates, cost = cv.estimate_values(model, queries, k=a.vine_k, max_new_tokens=t.max_new_tokens,
                                          eos_token_id=tok.end_token_ids, temperature=t.temperature,
                                          seed=stream_key(t.seed, step, trainer.VINE_SALT))
@@ -178,10 +186,12 @@ def expected_advantages(assets: dict, episodes: list, config, step: int) -> tupl
     return out, cost
 
 
-@pytest.mark.parametrize("unit", ["step", "token"])
-def test_the_trainer_trains_on_the_monte_carlo_advantages_of_its_episodes(tiny_assets, tmp_path, monkeypatch, unit):
+@pytest.mark.parametrize("unit, buffer", [("step", 0), ("token", 0), ("step", 6)])
+def test_the_trainer_trains_on_the_monte_carlo_advantages_of_its_episodes(tiny_assets, tmp_path, monkeypatch, unit,
+                                                                          buffer):
+    """Also with DAPO's overlong shaping (buffer > 0): a continuation's reward is shaped like an episode's."""
     calls = capture_updates(monkeypatch)
-    cfg = config_from_dict(vine_config(tiny_assets, tmp_path, unit=unit))
+    cfg = config_from_dict(vine_config(tiny_assets, tmp_path, unit=unit, algorithm={"overlong_buffer_len": buffer}))
     trainer.train(cfg)
     (episodes, advantages), = calls
     assert len(advantages) == len(episodes) == 12 and all(isinstance(a, torch.Tensor) for a in advantages)
