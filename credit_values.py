@@ -361,9 +361,11 @@ VINE_UNITS = ("step", "token")
                        "step or token", lambda v: v in VINE_UNITS, Literal["step", "token"]),
     "vine_temperature": Param(None, "vine: the continuations' temperature (default: training.temperature)", "> 0",
                               lambda v: v > 0, float | None),
+    "vine_whiten": Param(True, "vine: whiten the step's token advantages (minus their mean, over their std), as "
+                               "VinePPO's PPO trainer does", "true or false", type=bool),
 })
-def vine_group_advantages(rewards: torch.Tensor, vine_k: int, vine_unit: str, vine_temperature: float | None
-                          ) -> torch.Tensor:
+def vine_group_advantages(rewards: torch.Tensor, vine_k: int, vine_unit: str, vine_temperature: float | None,
+                          vine_whiten: bool) -> torch.Tensor:
     """Registered for its name and keys only: VinePPO's advantages are per token, from the Monte-Carlo values
     of each episode's states (the trainer calls vine_episode_advantages), not from a group's rewards."""
     raise ValueError("algorithm.adv_estimator=vine needs the Monte-Carlo values of each episode's states: "
@@ -390,6 +392,18 @@ def vine_advantages(values: Sequence[float], positions: Sequence[int], length: i
     if v.shape != pos.shape:
         raise ValueError(f"values ({len(v)}) and positions ({len(pos)}) must align")
     return np.repeat(np.diff(v), np.diff(pos))
+
+
+def whiten(token_advantages: Sequence[np.ndarray], eps: float = 1e-8) -> list[np.ndarray]:
+    """(A - mean) / sqrt(var + eps) over every token of the batch, the variance unbiased: VinePPO's PPO trainer
+    whitens its Monte-Carlo advantages so (masked_whiten), which puts them on GRPO's scale (one standard
+    deviation) whatever the rewards'. Fewer than two tokens: centred only."""
+    flat = np.concatenate(token_advantages) if len(token_advantages) else np.zeros(0)
+    if len(flat) == 0:
+        return [np.asarray(a, dtype=np.float64) for a in token_advantages]
+    mean, var = flat.mean(), flat.var(ddof=1) if len(flat) > 1 else 0.0
+    scale = 1.0 / math.sqrt(var + eps) if len(flat) > 1 else 1.0
+    return [(np.asarray(a, dtype=np.float64) - mean) * scale for a in token_advantages]
 
 
 def unit_positions(unit: str, decode: Callable[[list[int]], str], completion_ids: Sequence[int],

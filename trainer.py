@@ -513,9 +513,10 @@ def select_and_advantage(config: Config, episodes: list[Episode], step: int,
                          ) -> tuple[list[Episode], update.Advantages, torch.Tensor, float]:
     """Group filtering, then advantages: (kept episodes, their advantages, [groups, G] advantages, tau).
 
-    `token_advantages` (vine): every episode's per-token advantages. They are the kept episodes' advantages (a
-    list of per-token tensors), the filters read their spread instead of the rewards' (token_advantage_spread),
-    and the [groups, G] matrix holds each episode's mean token advantage."""
+    `token_advantages` (vine): every episode's per-token advantages. The filters read their spread instead of
+    the rewards' (token_advantage_spread); the kept groups' advantages, whitened over their tokens when
+    `algorithm.vine_whiten` (credit_values.whiten), are the kept episodes' (a list of per-token tensors), and
+    the [groups, G] matrix holds each episode's mean token advantage."""
     t, a = config.training, config.algorithm
     g = t.num_answers_per_question
     rewards = group_rewards(episodes, g)
@@ -529,7 +530,9 @@ def select_and_advantage(config: Config, episodes: list[Episode], step: int,
     kept = [episodes[i] for i in index]
     tau = grpo.tau_at_step(step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)
     if token_advantages is not None:
-        per_token = [torch.tensor(token_advantages[i], dtype=torch.float32) for i in index]
+        kept_adv = [token_advantages[i] for i in index]
+        kept_adv = cv.whiten(kept_adv) if a.vine_whiten else kept_adv
+        per_token = [torch.tensor(r, dtype=torch.float32) for r in kept_adv]
         advantages = torch.tensor([episode_mean(r) for r in per_token], dtype=torch.float32).view(-1, g)
     elif len(keep):
         advantages, tau = grpo.step_advantages(rewards[keep], config, step)

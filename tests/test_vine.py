@@ -112,8 +112,19 @@ def test_every_token_of_a_step_gets_its_steps_advantage():
         cv.vine_advantages([0.0, 0.1, 0.2], [0, 2, 5, 7], 7)
 
 
+def test_whitening_centres_and_scales_every_token_of_the_batch():
+    rows = [np.array([0.1, 0.1, -0.3]), np.array([0.5]), np.array([]), np.array([0.0, 0.2])]
+    out = cv.whiten(rows)
+    flat = np.concatenate(out)
+    assert [len(r) for r in out] == [3, 1, 0, 2]
+    assert flat.mean() == pytest.approx(0.0, abs=1e-12) and flat.std(ddof=1) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_array_equal(np.argsort(flat, kind="stable"), np.argsort(np.concatenate(rows), kind="stable"))
+    assert [r.tolist() for r in cv.whiten([np.array([0.4])])] == [[0.0]]  # one token: centred only
+
+
 def test_the_registered_estimator_names_its_keys_and_is_not_a_function_of_rewards():
-    assert {"vine_k", "vine_unit", "vine_temperature"} <= set(grpo.ADVANTAGES.params("vine"))
+    assert {"vine_k", "vine_unit", "vine_temperature", "vine_whiten"} <= set(grpo.ADVANTAGES.params("vine"))
+    assert load_config(None, ["algorithm.adv_estimator=vine"]).algorithm.vine_whiten is True  # VinePPO's
     with pytest.raises(ValueError, match="needs the Monte-Carlo values of each episode's states"):
         grpo.compute_advantages(torch.zeros(2, 4), "vine")
     for override, message in ((["algorithm.vine_k=1"], "algorithm.vine_k must be >= 2"),
@@ -186,16 +197,22 @@ def expected_advantages(assets: dict, episodes: list, config, step: int) -> tupl
     return out, cost
 
 
-@pytest.mark.parametrize("unit, buffer", [("step", 0), ("token", 0), ("step", 6)])
+@pytest.mark.parametrize("unit, buffer, whiten", [("step", 0, False), ("token", 0, False), ("step", 6, False),
+                                                   ("step", 0, True)])
 def test_the_trainer_trains_on_the_monte_carlo_advantages_of_its_episodes(tiny_assets, tmp_path, monkeypatch, unit,
-                                                                          buffer):
-    """Also with DAPO's overlong shaping (buffer > 0): a continuation's reward is shaped like an episode's."""
+                                                                          buffer, whiten):
+    """Also with DAPO's overlong shaping (buffer > 0: a continuation's reward is shaped like an episode's) and
+    whitened (VinePPO's (A - mean) / sqrt(var + 1e-8) over the step's tokens, the variance unbiased)."""
     calls = capture_updates(monkeypatch)
-    cfg = config_from_dict(vine_config(tiny_assets, tmp_path, unit=unit, algorithm={"overlong_buffer_len": buffer}))
+    cfg = config_from_dict(vine_config(tiny_assets, tmp_path, unit=unit, algorithm={
+        "overlong_buffer_len": buffer, "vine_whiten": whiten}))
     trainer.train(cfg)
     (episodes, advantages), = calls
     assert len(advantages) == len(episodes) == 12 and all(isinstance(a, torch.Tensor) for a in advantages)
     want, cost = expected_advantages(tiny_assets, episodes, cfg, step=1)
+    if whiten:
+        flat = np.concatenate(want)
+        want = [(w - flat.mean()) / np.sqrt(flat.var(ddof=1) + 1e-8) for w in want]
     for got, w in zip(advantages, want):
         np.testing.assert_allclose(got.numpy(), w, atol=1e-6)
     assert any(len(set(np.round(w, 6))) > 1 for w in want)  # an episode whose steps differ
@@ -224,7 +241,8 @@ def test_groups_whose_answers_scored_the_same_are_trained_on(tmp_path, monkeypat
     for estimator in ("grpo", "vine"):
         out = tmp_path / estimator
         cfg = {**base, "training": {**base["training"], "log_dir": str(out / "logs"), "ckpt_dir": str(out / "ckpt")},
-               "algorithm": {"adv_estimator": estimator, "zero_variance_groups": "drop", "vine_k": 64}}
+               "algorithm": {"adv_estimator": estimator, "zero_variance_groups": "drop", "vine_k": 64,
+                             "vine_whiten": False}}
         calls = capture_updates(monkeypatch)
         trainer.train(config_from_dict(cfg))
         row = metrics(out)[1]
