@@ -5,7 +5,11 @@
               -> compute_advantages (ADVANTAGES: grpo, dr_grpo, softmax, softmax_centered, rloo)
     per token -> a policy loss (POLICY_LOSSES: pg, ppo, dual_clip, gspo, cispo)
                  + beta x a KL estimator (KL_ESTIMATORS: k1, k2, k3) - entropy_coef x entropy
-              -> aggregate_loss (LOSS_AGG_MODES, veRL's four)
+              -> aggregate_loss (LOSS_AGG_MODES, veRL's four; GSPO forces seq-mean-token-mean on its own term)
+
+Log-probs and entropies are those of softmax(logits / T), the distribution sampled from (update, rollout).
+Where veRL and TRL differ from each other or from the papers, the choice made here is stated beside the
+formula and tested in tests/test_conventions.py.
 
 Each registry maps a config name to a function, and each function declares the config keys it reads
 (config.Param), so adding one is one function here and its test. `objective` binds the loss side into what
@@ -19,6 +23,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -38,18 +43,29 @@ ADVANTAGES: Registry[Callable[..., torch.Tensor]] = Registry("algorithm.adv_esti
 TAU = Param(0.5, "softmax temperature (constant schedule)", "> 0", _positive)
 
 
-@ADVANTAGES.register("grpo", params={"adv_eps": Param(1e-4, "the eps in (r - mean) / (std + eps)", "> 0",
-                                                      _positive)})
-def grpo_advantages(rewards: torch.Tensor, adv_eps: float) -> torch.Tensor:
-    """(r - mean) / (std + eps) within each group, population std (GRPO, DeepSeekMath; GRPO-Zero)."""
+ADV_STD = ("population", "sample")
+
+
+@ADVANTAGES.register("grpo", params={
+    "adv_eps": Param(1e-4, "the eps in (r - mean) / (std + eps)", "> 0", _positive),
+    "adv_std": Param("population", "grpo: the group std, population (/ G) or sample (/ (G - 1), veRL's and TRL's)",
+                     "population or sample", lambda v: v in ADV_STD, Literal["population", "sample"])})
+def grpo_advantages(rewards: torch.Tensor, adv_eps: float, adv_std: str = "population") -> torch.Tensor:
+    """(r - mean) / (std + eps) within each group of G answers (GRPO, DeepSeekMath).
+
+    adv_std population (the default) divides the variance by G, as GRPO-Zero does and as every result this
+    repository has published was run; sample divides by G - 1, as veRL (torch.std) and TRL do: advantages
+    smaller by sqrt((G - 1) / G) (1 / 1.069 at G = 8), which shifts the policy term against KL, entropy and
+    gradient clipping. veRL's eps is 1e-6 and TRL's 1e-4 (ours)."""
     mean = rewards.mean(dim=-1, keepdim=True)
-    std = rewards.std(dim=-1, keepdim=True, unbiased=False)
+    std = rewards.std(dim=-1, keepdim=True, unbiased=adv_std == "sample")
     return (rewards - mean) / (std + adv_eps)
 
 
 @ADVANTAGES.register("dr_grpo")
 def dr_grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """r - mean: no std normalization (Dr. GRPO, Liu et al. 2025), so easy/hard groups are not up-weighted."""
+    """r - mean: no std normalization (Dr. GRPO, Liu et al. 2025), so easy/hard groups are not up-weighted.
+    The paper's loss also divides by a constant, loss_agg_mode seq-mean-token-sum-norm."""
     return rewards - rewards.mean(dim=-1, keepdim=True)
 
 
@@ -181,16 +197,21 @@ def aggregate_loss(
     total_tokens: int | None = None,
     total_seqs: int | None = None,
 ) -> torch.Tensor:
-    """Reduce a [B, T] per-token loss to a scalar (veRL's agg_loss modes).
+    """Reduce a [B, T] per-token loss to a scalar (veRL's agg_loss modes), over the tokens where `mask` is set.
 
-    token-mean: sum / #tokens (DAPO); seq-mean-token-mean: mean over sequences of each sequence's token mean
-    (GRPO); seq-mean-token-sum: mean over sequences of token sums (Dr. GRPO); seq-mean-token-sum-norm:
-    sum / (B * max_len), a constant normalizer. For gradient accumulation pass the FULL batch's
-    `total_tokens` / `total_seqs` (and a fixed `max_len`): the micro-batch results then sum exactly to the
-    full-batch value.
+    token-mean: sum / #tokens (DAPO; TRL's dapo); seq-mean-token-mean: mean over sequences of each sequence's
+    token mean (GRPO; TRL's grpo); seq-mean-token-sum: mean over sequences of token sums, i.e. sum / B;
+    seq-mean-token-sum-norm: sum / (B * max_len), Dr. GRPO's constant normalizer (Liu et al. 2025; TRL's
+    dr_grpo: sum / (batch size x max_completion_length)). veRL's seq-mean-token-sum-norm divides each
+    micro-batch's sum by max_len alone and then by the number of micro-batches: b x ours for micro-batches of
+    b sequences, a constant that depends on how the batch is split; ours does not (the same gradient as TRL's).
+    For gradient accumulation pass the FULL batch's `total_tokens` / `total_seqs` (and a fixed `max_len`): the
+    micro-batch results then sum exactly to the full-batch value. Masked slots are selected away
+    (torch.where, as veRL's masked sum), never multiplied by 0, so an inf or NaN there cannot reach the loss.
     """
-    mask = mask.to(token_loss.dtype)
-    masked = token_loss * mask
+    keep = mask.bool()
+    masked = torch.where(keep, token_loss, 0.0)
+    mask = keep.to(token_loss.dtype)
     n_seqs = total_seqs if total_seqs is not None else token_loss.shape[0]
     if mode == "token-mean":
         n_tok = total_tokens if total_tokens is not None else mask.sum()
@@ -219,14 +240,15 @@ class PolicyLoss:
 
     fn: PolicyLossFn
     uses_ratio: bool = True  # reads old log-probs: the update must supply them (recompute or rollout)
-    default_epsilon: tuple[float, float] = (0.2, 0.28)  # (epsilon_low, epsilon_high) when the config sets none
+    default_epsilon: tuple[float, float] = (0.2, 0.2)  # (epsilon_low, epsilon_high) when the config sets none
     loss_agg_mode: str | None = None  # forced aggregation (GSPO's seq-mean-token-mean); None: the config's
 
 
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("algorithm.policy_loss")
-# The clipped losses share the clip range; None: the loss's own default_epsilon
-CLIP = {"epsilon_low": Param(None, "ratio clipped below at 1 - epsilon_low (default: the loss's)", "in [0, 1)",
-                             lambda v: 0 <= v < 1, float | None),
+# The clipped losses share the clip range; None: the loss's own default_epsilon. epsilon_low = 1 clips below at 0,
+# which a ratio never crosses: no lower bound, exactly (CISPO's default)
+CLIP = {"epsilon_low": Param(None, "ratio clipped below at 1 - epsilon_low; 1: no lower bound (default: the loss's)",
+                             "in [0, 1]", lambda v: 0 <= v <= 1, float | None),
         "epsilon_high": Param(None, "ratio clipped above at 1 + epsilon_high (default: the loss's)", ">= 0",
                               lambda v: v >= 0, float | None)}
 
@@ -241,8 +263,8 @@ def register_policy_loss(name: str, params: dict[str, Param] | None = None, **re
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    m = mask.to(x.dtype)
-    return float((x * m).sum() / m.sum().clamp(min=1))
+    keep = mask.bool()
+    return float(torch.where(keep, x, 0.0).sum() / keep.sum().clamp(min=1))
 
 
 def log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor) -> torch.Tensor:
@@ -265,8 +287,9 @@ def _clipped_surrogate(ratio, advantages, mask, epsilon_low, epsilon_high):
 
 @register_policy_loss("ppo", CLIP)
 def ppo_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high):
-    """max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old (PPO; DAPO's clip-higher when
-    eps_high > eps_low)."""
+    """max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old (PPO, Schulman et al. 2017). Default
+    (0.2, 0.2), as veRL's clip_ratio and TRL's epsilon; DAPO's clip-higher (0.2, 0.28) is the ablation preset
+    ppo_clip_higher."""
     ratio = torch.exp(log_ratio(log_probs, old_log_probs))
     return _clipped_surrogate(ratio, advantages, mask, epsilon_low, epsilon_high)
 
@@ -286,17 +309,22 @@ def dual_clip_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsi
 def gspo_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high):
     """GSPO (Zheng et al. 2025), token form: s_i,t = sg[s_i] * pi_t / sg[pi_t], where s_i is the sequence's
     geometric-mean ratio; clipped like PPO and aggregated seq-mean-token-mean (veRL's compute_policy_loss_gspo)."""
-    m = mask.to(log_probs.dtype)
-    seq_log_ratio = ((log_probs - old_log_probs) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    keep = mask.bool()
+    diff = torch.where(keep, log_probs - old_log_probs, 0.0)
+    seq_log_ratio = diff.sum(-1) / keep.sum(-1).clamp(min=1).to(log_probs.dtype)
     token_log_ratio = log_probs - log_probs.detach() + seq_log_ratio.detach()[:, None]
     ratio = torch.exp(token_log_ratio.clamp(max=10.0))
     return _clipped_surrogate(ratio, advantages, mask, epsilon_low, epsilon_high)
 
 
-@register_policy_loss("cispo", CLIP)
+@register_policy_loss("cispo", CLIP, default_epsilon=(1.0, 4.0))
 def cispo_loss(log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high):
     """-sg[clip(r, 1 - eps_low, 1 + eps_high)] A log pi (CISPO, MiniMax-M1 2025): clips the importance
-    weight, never the gradient, so every token keeps contributing."""
+    weight, never the gradient, so every token keeps contributing.
+
+    Default: above only, at 5 (eps_low 1: no lower bound, as MiniMax-M1 and TRL's min(r, epsilon_high); eps_high
+    4: the cap 5.0 that TRL documents for its cispo, ScaleRL's eps_max). TRL's weight cap is epsilon_high
+    itself, defaulting to epsilon = 0.2 when unset (a weight of at most 0.2), so set it there explicitly."""
     ratio = torch.exp(log_ratio(log_probs, old_log_probs)).detach()
     weight = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
     metrics = {"clip_frac": masked_mean((weight != ratio).float(), mask)}
@@ -351,15 +379,17 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: 
 def objective(policy_loss_name: str = "pg", loss_agg_mode: str = "token-mean", *, max_len: int | None = None,
               beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
               teacher_forcing_coef: float = 0.0, **loss_params: float | None) -> Objective:
-    """Per token: policy_loss(log pi, log pi_old, A x w) + beta x KL(pi || pi_ref) - entropy_coef x H,
-    aggregated by `loss_agg_mode` (a loss may force its own, GSPO's seq-mean-token-mean); plus
-    teacher_forcing_coef x the NLL of reference completions. `loss_params`: the policy loss's keys."""
+    """Per token: policy_loss(log pi, log pi_old, A x w), aggregated by `loss_agg_mode` unless the loss forces
+    its own (GSPO's seq-mean-token-mean), plus beta x KL(pi || pi_ref) - entropy_coef x H aggregated by
+    `loss_agg_mode` always (as veRL aggregates its kl_loss and entropy); plus teacher_forcing_coef x the NLL of
+    reference completions. `loss_params`: the policy loss's keys."""
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
     forced = POLICY_LOSSES.get(policy_loss_name).loss_agg_mode
-    mode = forced or loss_agg_mode
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"unknown loss_agg_mode {mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
+    terms = functools.partial(aggregate_loss, mode=loss_agg_mode, max_len=max_len)
     return Objective(policy_loss=policy_loss(policy_loss_name, **loss_params),
-                     aggregate=functools.partial(aggregate_loss, mode=mode, max_len=max_len),
+                     aggregate=functools.partial(aggregate_loss, mode=forced or loss_agg_mode, max_len=max_len),
+                     aggregate_terms=None if forced in (None, loss_agg_mode) else terms,
                      kl=KL_ESTIMATORS.get(kl_estimator), beta=beta, entropy_coef=entropy_coef,
                      teacher_forcing_coef=teacher_forcing_coef)
 

@@ -109,8 +109,8 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor, top_p: float 
 @dataclass
 class RolloutOutput:
     tokens: list[list[int]]  # new tokens per row, up to and including the first end token
-    log_probs: list[list[float]]  # log pi(token) under the untempered policy
-    entropies: list[list[float]]  # entropy of the untempered policy at each sampled position
+    log_probs: list[list[float]]  # log pi(token) of the distribution sampled from, softmax(logits / T)
+    entropies: list[list[float]]  # that distribution's entropy at each sampled position
     finished: list[bool]
 
 
@@ -329,19 +329,21 @@ def _recompile_limit(n: int) -> contextlib.AbstractContextManager:
 def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float,
                 workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token, log-prob, entropy) [n] from next-token logits [n, V]: the token by keyed inverse-CDF sampling
-    (argmax at temperature 0); log-prob and entropy under the untempered policy (PPO ratios, entropy weights).
+    from softmax(logits / T) (argmax at T = 0), and the log-prob and entropy of that same distribution, the one
+    the policy is optimized as (PPO ratios, the rollout/train gap, entropy weights), as veRL and TRL compute
+    them. T = 0 (greedy) keeps logits / 1. top_p truncation is not in the log-prob (nor in veRL's or TRL's).
     `workspace`: fp32 [3, >= n, V] to compute in instead of fresh [n, V] tensors (bitwise the same result)."""
     n = logits.shape[0]
     logits = logits.float()
     s = [None] * 3 if workspace is None else [w[:n] for w in workspace]
-    logp = _into(torch.log_softmax, s[0], logits, -1)
-    p = _into(torch.exp, s[1], logp)
-    entropy = -_into(torch.mul, s[2], p, logp).sum(-1)
+    scaled = logits if temperature in (0.0, 1.0) else _into(torch.div, s[2], logits, temperature)
+    logp = _into(torch.log_softmax, s[0], scaled, -1)
+    p = _into(torch.exp, s[1], logp)  # softmax(logits / T): what is sampled from
+    entropy = -_into(torch.mul, s[2], p, logp).sum(-1)  # `scaled` is no longer needed in s[2]
     if temperature == 0:
         token = logits.argmax(dim=-1)
     else:
-        probs = p if temperature == 1.0 else _into(torch.softmax, s[1], _into(torch.div, s[2], logits, temperature), -1)
-        token = sample_from_probs(probs, uniforms, top_p, overwrite=True)  # probs is ours alone by now
+        token = sample_from_probs(p, uniforms, top_p, overwrite=True)  # p is ours alone by now
     return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
 
 

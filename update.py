@@ -31,11 +31,13 @@ from qwen2_model import SharedPrompts, left_pad
 @dataclass(frozen=True)
 class Objective:
     """What the update minimizes (grpo.objective builds one): per token policy_loss(log pi, log pi_old, A x w)
-    + beta x kl(log pi, log pi_ref) - entropy_coef x H, reduced by `aggregate`; plus teacher_forcing_coef x
-    the mean NLL of reference completions."""
+    reduced by `aggregate`, plus beta x kl(log pi, log pi_ref) - entropy_coef x H reduced by `aggregate_terms`
+    (None: by `aggregate`, summed with the policy term first); plus teacher_forcing_coef x the mean NLL of
+    reference completions."""
 
     policy_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]  # (log_probs, old, adv, mask) [B, T] each
     aggregate: Callable[..., torch.Tensor]  # (token_loss, mask, total_tokens=, total_seqs=) -> scalar
+    aggregate_terms: Callable[..., torch.Tensor] | None = None  # the KL and entropy terms', when it differs
     kl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # per token; used when beta > 0
     beta: float = 0.0
     entropy_coef: float = 0.0
@@ -52,6 +54,9 @@ class UpdateSettings:
     share_prompts: bool = True
     num_iterations: int = 1  # passes over the same batch (each one optimizer step)
     old_log_probs: str = "recompute"  # recompute: the training forward's before the first step; rollout: the sampler's
+    # the sampling temperature T: every training log-prob and entropy (policy, reference model, teacher) is of
+    # softmax(logits / T), the distribution the rollout sampled from (rollout.sample_next); T = 0 (greedy): logits / 1
+    temperature: float = 1.0
     max_grad_norm: float = 1.0
     pad_token_id: int = 0
     # log-probs over chunks of this many tokens, recomputed in the backward: the [b, T, vocab] logits never
@@ -71,7 +76,8 @@ class UpdateSettings:
         t, a = config.training, config.algorithm
         return cls(micro_batch_size=t.micro_batch_size, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
                    share_prompts=t.share_prompts, num_iterations=a.num_iterations, old_log_probs=a.old_log_probs,
-                   max_grad_norm=t.max_grad_norm, pad_token_id=pad_token_id, progress=progress)
+                   temperature=t.temperature, max_grad_norm=t.max_grad_norm, pad_token_id=pad_token_id,
+                   progress=progress)
 
 
 class Weighter(Protocol):
@@ -141,29 +147,35 @@ class EpisodeAdvantages:
 # ============================================================================ forwards and per-token statistics
 
 
-def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From logits [b, T, V] and targets [b, T]: log pi(target) and entropy (both with gradient: the policy loss
-    and the entropy bonus) and ||onehot(target) - p||_2 (detached).
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From logits [b, T, V] and targets [b, T], for pi = softmax(logits / temperature) (the sampling
+    distribution; temperature 0, greedy, keeps logits / 1): log pi(target) and entropy (both with gradient: the
+    policy loss and the entropy bonus) and ||onehot(target) - pi||_2 / temperature (detached).
 
     The last one is the size of d(log pi(y))/d(logits): the true per-token gradient scale at the logits
     (times |A|), unlike |A x log pi|.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    scale = 1.0 if temperature in (0.0, 1.0) else temperature
+    logits = logits.float()
+    logp = torch.log_softmax(logits if scale == 1.0 else logits / scale, dim=-1)
     token_logp = logp.gather(-1, targets[..., None]).squeeze(-1)
     p = logp.exp()
     entropy = -(p * logp).sum(-1)
     with torch.no_grad():
         grad_norm = (1.0 - 2.0 * token_logp.exp() + (p * p).sum(-1)).clamp(min=0).sqrt()
+        if scale != 1.0:
+            grad_norm = grad_norm / scale
     return token_logp, entropy, grad_norm
 
 
-def _head_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+def _head_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return token_statistics(hidden @ weight.t(), targets)
+    return token_statistics(hidden @ weight.t(), targets, temperature)
 
 
-def chunked_token_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_token_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_statistics` of logits = hidden @ weight.T, computed over chunks of the sequence and recomputed
     in the backward (activation checkpointing), so the [b, T, vocab] logits never exist at once: at Qwen's
     151,936-token vocabulary one fp32 copy of them for 16 x 256 tokens is 2.3 GiB."""
@@ -172,9 +184,9 @@ def chunked_token_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets
     for start in range(0, hidden.shape[1], step):
         h, t = hidden[:, start: start + step], targets[:, start: start + step]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            parts.append(checkpoint(_head_statistics, h, weight, t, use_reentrant=False))
+            parts.append(checkpoint(_head_statistics, h, weight, t, temperature, use_reentrant=False))
         else:
-            parts.append(_head_statistics(h, weight, t))
+            parts.append(_head_statistics(h, weight, t, temperature))
     return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(3))  # type: ignore[return-value]
 
 
@@ -199,7 +211,7 @@ class CompletionForward:
     last_k: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None  # [b, T] log pi(target), with gradient
     entropy: torch.Tensor | None = None  # [b, T] policy entropy, with gradient
-    logit_grad_norm: torch.Tensor | None = None  # [b, T] ||onehot(target) - p||_2, detached
+    logit_grad_norm: torch.Tensor | None = None  # [b, T] ||onehot(target) - pi||_2 / T, detached
 
 
 def prompt_groups(episodes: Sequence[Episode]) -> tuple[list[tuple[int, ...]], list[int]]:
@@ -226,16 +238,18 @@ def forward_completions(
     need_last_qk: bool = False,
     chunk_tokens: int | None = None,
     share_prompts: bool = False,
+    temperature: float = 1.0,
 ) -> CompletionForward:
     """Run prompt + completion (right-padded) through the model; logits only where completion tokens are
     predicted: position prompt_len - 1 + t predicts completion token t. Also the per-token statistics. With
     `chunk_tokens` the logits are never materialized whole (`logits` is None; chunked_token_statistics).
     `share_prompts`: a prompt that several episodes share runs once (the model's SharedPrompts forward; same
-    values, fewer FLOPs); not with need_last_qk, whose consumers index the whole sequence."""
+    values, fewer FLOPs); not with need_last_qk, whose consumers index the whole sequence. The statistics are of
+    softmax(logits / temperature) (token_statistics); the returned logits are the model's own."""
     device = next(model.parameters()).device
     shared = _shared_prompts(episodes, pad_token_id, device) if share_prompts and not need_last_qk else None
     if shared is not None and any(e.generated_token_ids for e in episodes):
-        return _forward_continuations(model, episodes, shared, need_hidden, chunk_tokens)
+        return _forward_continuations(model, episodes, shared, need_hidden, chunk_tokens, temperature)
     seqs = [list(e.prompt_token_ids) + list(e.generated_token_ids) for e in episodes]
     width = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad_token_id, dtype=torch.long, device=device)
@@ -247,37 +261,38 @@ def forward_completions(
     mask = offsets[None, :] < gen_lens[:, None]
     pred_pos = (prompt_lens[:, None] - 1 + offsets[None, :]).clamp(max=width - 1)
     targets = tokens.gather(1, (pred_pos + 1).clamp(max=width - 1)).masked_fill(~mask, 0)
-    return _forward_with_statistics(model, tokens, targets, mask, prompt_lens, chunk_tokens, output_hidden=need_hidden,
-                             output_last_qk=need_last_qk, logits_positions=pred_pos)
+    return _forward_with_statistics(model, tokens, targets, mask, prompt_lens, chunk_tokens, temperature,
+                                    output_hidden=need_hidden, output_last_qk=need_last_qk, logits_positions=pred_pos)
 
 
 def _forward_continuations(model: torch.nn.Module, episodes: Sequence[Episode], shared: SharedPrompts,
-                           need_hidden: bool, chunk_tokens: int | None) -> CompletionForward:
+                           need_hidden: bool, chunk_tokens: int | None, temperature: float) -> CompletionForward:
     """forward_completions over shared prompts: the model's outputs come aligned on the completion tokens."""
     device = shared.tokens.device
     gen_lens = torch.tensor([len(e.generated_token_ids) for e in episodes], device=device)
     mask = torch.arange(int(gen_lens.max()), device=device)[None, :] < gen_lens[:, None]
     targets = _pad([e.generated_token_ids for e in episodes], mask.shape[1], 0, torch.long, device)
     prompt_lens = torch.tensor([len(e.prompt_token_ids) for e in episodes], device=device)
-    return _forward_with_statistics(model, targets, targets, mask, prompt_lens, chunk_tokens, prompts=shared,
-                             output_hidden=need_hidden)
+    return _forward_with_statistics(model, targets, targets, mask, prompt_lens, chunk_tokens, temperature,
+                                    prompts=shared, output_hidden=need_hidden)
 
 
 def _forward_with_statistics(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                      prompt_lens: torch.Tensor, chunk_tokens: int | None, **options: Any) -> CompletionForward:
+                             prompt_lens: torch.Tensor, chunk_tokens: int | None, temperature: float,
+                             **options: Any) -> CompletionForward:
     """model(tokens, **options), whose outputs are aligned on `targets`, and the per-token statistics: over
     chunks inside the forward (chunked_token_statistics) or from the whole logits."""
     if chunk_tokens:
         out = model(tokens, compute_logits=False, **options,
-                    head_fn=lambda h, w: chunked_token_statistics(h, w, targets, chunk_tokens))
+                    head_fn=lambda h, w: chunked_token_statistics(h, w, targets, chunk_tokens, temperature))
         return CompletionForward(None, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k,
                                  *out.head_output)
     out = model(tokens, **options)
     if isinstance(out, torch.Tensor):  # neither hidden states nor q/k were asked for
         return CompletionForward(out, targets, mask, prompt_lens, None, None, None,
-                                 *token_statistics(out, targets))
+                                 *token_statistics(out, targets, temperature))
     return CompletionForward(out.logits, targets, mask, prompt_lens, out.hidden, out.last_q, out.last_k,
-                             *token_statistics(out.logits, targets))
+                             *token_statistics(out.logits, targets, temperature))
 
 
 
@@ -446,7 +461,7 @@ def _forward_tokens(model: torch.nn.Module, mb: Sequence[Episode], weighter: Wei
     need_hidden = weighter is not None and weighter.needs_hidden
     need_qk = weighter is not None and weighter.needs_last_qk
     fwd = forward_completions(model, mb, settings.pad_token_id, need_hidden, need_qk, settings.logits_chunk_tokens,
-                              settings.share_prompts)
+                              settings.share_prompts, settings.temperature)
     width, device = fwd.mask.shape[1], fwd.mask.device
     rollout_lp = _pad([e.log_probs for e in mb], width, 0.0, torch.float32, device)
     n_rollout = torch.tensor([len(e.log_probs) for e in mb], device=device)
@@ -498,8 +513,11 @@ def _old_log_probs(tok: _MicroBatchTokens, settings: UpdateSettings, iteration: 
 
 
 def _kl_and_entropy_terms(tok: _MicroBatchTokens, mb: Sequence[Episode], objective: Objective,
-                          settings: UpdateSettings, ref_model: torch.nn.Module | None, sums: _Sums) -> torch.Tensor:
-    """Step 5, beta x KL(pi || pi_ref) - entropy_coef x H per token (0 when both are off)."""
+                          settings: UpdateSettings, ref_model: torch.nn.Module | None, sums: _Sums
+                          ) -> torch.Tensor | None:
+    """Step 5, beta x KL(pi || pi_ref) - entropy_coef x H per token (None when both are off)."""
+    if objective.beta <= 0 and objective.entropy_coef <= 0:
+        return None
     extra = torch.zeros_like(tok.log_probs)
     if objective.beta > 0:
         if ref_model is None or objective.kl is None:
@@ -507,10 +525,11 @@ def _kl_and_entropy_terms(tok: _MicroBatchTokens, mb: Sequence[Episode], objecti
         with torch.no_grad():
             ref_log_probs = forward_completions(ref_model, mb, settings.pad_token_id,
                                                 chunk_tokens=settings.logits_chunk_tokens,
-                                                share_prompts=settings.share_prompts).log_probs
+                                                share_prompts=settings.share_prompts,
+                                                temperature=settings.temperature).log_probs
         kl = objective.kl(tok.log_probs, ref_log_probs)
         extra = extra + objective.beta * kl
-        sums.add("token", "kl", float((kl.detach() * tok.fwd.mask).sum()))
+        sums.add("token", "kl", float(torch.where(tok.fwd.mask, kl.detach(), 0.0).sum()))
     if objective.entropy_coef > 0:
         extra = extra - objective.entropy_coef * tok.fwd.entropy
     return extra
@@ -556,9 +575,13 @@ def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: Episod
     old = _old_log_probs(tok, p.settings, p.iteration, p.old_cache, key)
     token_adv = adv.per_token(weights.shape[1]) * weights  # step 4: the policy loss sees weighted per-token advantages
     token_loss, loss_metrics = p.objective.policy_loss(tok.log_probs, old, token_adv, tok.fwd.mask)
-    token_loss = token_loss + _kl_and_entropy_terms(tok, mb, p.objective, p.settings, p.ref_model, p.sums)
-    loss = p.objective.aggregate(token_loss, tok.fwd.mask, total_tokens=p.totals.tokens,  # step 6
-                                 total_seqs=p.totals.seqs)
+    terms = _kl_and_entropy_terms(tok, mb, p.objective, p.settings, p.ref_model, p.sums)
+    totals = {"total_tokens": p.totals.tokens, "total_seqs": p.totals.seqs}  # step 6, full-batch normalizers
+    if terms is not None and p.objective.aggregate_terms is None:
+        token_loss = token_loss + terms
+    loss = p.objective.aggregate(token_loss, tok.fwd.mask, **totals)
+    if terms is not None and p.objective.aggregate_terms is not None:  # GSPO's own mode for its term alone
+        loss = loss + p.objective.aggregate_terms(terms, tok.fwd.mask, **totals)
     if aux_loss is not None:
         loss = loss + aux_loss * (len(mb) / p.totals.seqs)
     n_tok = float(tok.fwd.mask.sum())
@@ -571,11 +594,12 @@ def _micro_batch_loss(model: torch.nn.Module, mb: Sequence[Episode], adv: Episod
 
 def _teacher_forcing_loss(model: torch.nn.Module, teachers: Sequence[Episode], p: _Pass) -> torch.Tensor:
     """teacher_forcing_coef x mean NLL of one micro-batch of reference completions (full-batch normalizer)."""
-    fwd = forward_completions(model, teachers, p.settings.pad_token_id, chunk_tokens=p.settings.logits_chunk_tokens)
-    mask = fwd.mask.to(fwd.log_probs.dtype)
+    fwd = forward_completions(model, teachers, p.settings.pad_token_id, chunk_tokens=p.settings.logits_chunk_tokens,
+                              temperature=p.settings.temperature)
+    nll = torch.where(fwd.mask, -fwd.log_probs, 0.0)
     if p.iteration == 0:
-        p.sums.add("token", "teacher_nll", float((-fwd.log_probs.detach() * fwd.mask).sum()))
-    return p.objective.teacher_forcing_coef * ((-fwd.log_probs * mask).sum() / max(p.totals.teacher_tokens, 1))
+        p.sums.add("token", "teacher_nll", float(nll.detach().sum()))
+    return p.objective.teacher_forcing_coef * (nll.sum() / max(p.totals.teacher_tokens, 1))
 
 
 def _empty_unit_loss(model: torch.nn.Module, episodes: Sequence[Episode], settings: UpdateSettings) -> torch.Tensor:

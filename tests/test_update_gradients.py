@@ -160,6 +160,8 @@ def aggregate(rows: list[torch.Tensor], mode: str) -> torch.Tensor:
         return sum(r.mean() for r in rows) / len(rows)
     if mode == "seq-mean-token-sum":
         return sum(r.sum() for r in rows) / len(rows)
+    if mode == "seq-mean-token-sum-norm":  # Dr. GRPO: a constant normalizer, the batch x the generation budget
+        return sum(r.sum() for r in rows) / (len(rows) * MAX_LEN)
     raise AssertionError(mode)
 
 
@@ -172,19 +174,21 @@ def reference_loss(model, episodes, loss_name, mode, old_mode, weighter_name="no
         logps.append(logp)
     reg_terms: list[torch.Tensor] = []
     weights = reference_weights(weighter_name, model, episodes, lps, weighter, params or {}, reg_terms, advantages)
-    rows = []
+    rows, terms = [], []
     for e, lp, logp, w, a in zip(episodes, lps, logps, weights, advantages):
         old = torch.tensor(e.log_probs) if old_mode == "rollout" else lp.detach()
-        row = reference_token_loss(loss_name, lp, old, torch.as_tensor(a, dtype=torch.float32) * w)
+        rows.append(reference_token_loss(loss_name, lp, old, torch.as_tensor(a, dtype=torch.float32) * w))
+        term = torch.zeros_like(lp)
         if beta:
             with torch.no_grad():
                 ref_lp, _, _ = per_sequence_forward(ref_model, e)
             d = ref_lp - lp
-            row = row + beta * {"k1": -d, "k2": 0.5 * d ** 2, "k3": torch.exp(d) - d - 1}[kl]
+            term = term + beta * {"k1": -d, "k2": 0.5 * d ** 2, "k3": torch.exp(d) - d - 1}[kl]
         if entropy_coef:
-            row = row - entropy_coef * -(logp.exp() * logp).sum(-1)
-        rows.append(row)
-    loss = aggregate(rows, "seq-mean-token-mean" if loss_name == "gspo" else mode)
+            term = term - entropy_coef * -(logp.exp() * logp).sum(-1)
+        terms.append(term)
+    # GSPO forces seq-mean-token-mean on its own term; KL and entropy keep the configured mode (veRL's)
+    loss = aggregate(rows, "seq-mean-token-mean" if loss_name == "gspo" else mode) + aggregate(terms, mode)
     return loss + (sum(reg_terms) / len(reg_terms) if reg_terms else 0.0)  # the regression head's own loss
 
 
@@ -283,6 +287,15 @@ def test_kl_term_gradient_equals_the_formula(kl, mode, device):
 @pytest.mark.parametrize("micro", [4, 1])
 def test_entropy_bonus_gradient_equals_the_formula(micro, device):
     check_update("ppo", "seq-mean-token-sum", micro, entropy_coef=0.05, device=device)
+
+
+@pytest.mark.parametrize("micro", [4, 1])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_gspo_forces_its_mode_on_its_own_term_and_kl_and_entropy_keep_the_configured_one(mode, micro):
+    """GSPO + beta > 0 + an entropy bonus: seq-mean-token-mean of the GSPO term plus `mode` of the KL and
+    entropy terms (veRL's kl_loss and entropy_loss use the configured loss_agg_mode)."""
+    stats = check_update("gspo", mode, micro, old_mode="recompute", beta=0.3, kl="k2", entropy_coef=0.05)
+    assert stats.metrics["kl"] != 0
 
 
 @pytest.mark.parametrize("loss_name", ["ppo", "dual_clip", "gspo", "cispo"])
