@@ -281,6 +281,22 @@ def test_every_policy_loss_and_weighter_trains_with_vine(tiny_assets, tmp_path, 
     assert any(not torch.equal(start[k], v) for k, v in end.items())
 
 
+def test_vine_trains_beside_the_other_options(tiny_assets, tmp_path, monkeypatch):
+    """Ground-truth injection (a reference longer than max_new_tokens raises the values' budget), teacher
+    forcing, the KL term, top-k group filtering and skipping unfinished episodes, all at once."""
+    calls = capture_updates(monkeypatch)
+    cfg = vine_config(tiny_assets, tmp_path, k=2, training={"skip_unfinished_episodes": True}, algorithm={
+        "ground_truth_injection": True, "teacher_forcing_coef": 0.1, "beta": 0.05, "rollout_filter": "top_k",
+        "rollout_filter_value": 2})
+    trainer.train(config_from_dict(cfg))
+    row = metrics(tmp_path)[1]
+    (episodes, advantages), = calls
+    assert math.isfinite(row["loss"]) and row["injection/groups"] == 3 and row["groups_kept"] == len(episodes) / 12
+    assert all(e.finished for e in episodes) and len({e.group_idx for e in episodes}) <= 2  # top 2 groups
+    assert [len(a) for a in advantages] == [len(e.generated_token_ids) for e in episodes]
+    assert max(len(e.generated_token_ids) for e in episodes) > cfg["training"]["max_new_tokens"]  # a reference
+
+
 def test_a_resumed_vine_run_equals_the_uninterrupted_one(tiny_assets, tmp_path):
     whole = tmp_path / "whole"
     trainer.train(config_from_dict(vine_config(tiny_assets, whole, training={"max_steps": 4})))
