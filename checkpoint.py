@@ -8,12 +8,15 @@ Layout of `ckpt_dir/step_000123/`:
     trainer_state.json                      step, data order position, credit logger position, ...
     rng_state.pt                            every RNG state (torch CPU/CUDA, numpy, random)
 
-A checkpoint is built under a temporary name and renamed into place, so a crash mid-write never leaves
-a broken `step_*` directory; only complete ones carry that name.
+A checkpoint is built under a temporary name (`.step_000123.*.tmp`), every file fsynced, and renamed into
+place, so a crash mid-write never leaves a broken `step_*` directory; only complete ones carry that name. What
+a crash (SIGKILL, power loss) does leave, the hidden temporary directory, is removed the next time the
+checkpoint directory is resolved (`latest_checkpoint`: every start-up) and whenever old checkpoints are pruned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -27,9 +30,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fileio import atomic_write_dir, ensure_free_space
+from fileio import atomic_write, atomic_write_dir, ensure_free_space
+from qwen2_model import CheckpointError
 
 CKPT_DIR = re.compile(r"^step_(\d+)$")
+# what a killed save leaves: atomic_write_dir's temporary directory, or the replaced checkpoint moved aside
+LEFTOVER = re.compile(r"^\.step_\d+\.(.+\.tmp|old)$")
+# what resuming reads, besides the weights (model.safetensors or its sharded index)
+RESUME_FILES = ("config.json", "tokenizer.json", "optimizer.pt", "rng_state.pt", "trainer_state.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 
 
@@ -48,9 +56,44 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_leftovers(ckpt_dir: str | Path) -> list[Path]:
+    """Delete the hidden directories that a save killed mid-write left in `ckpt_dir` (a 3B checkpoint's is ~40
+    GB), restoring a checkpoint moved aside whose replacement never landed; returns what it found. Only a save in progress in this directory holds one legitimately, and none runs while
+    the directory is resolved at start-up or pruned after a save."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if LEFTOVER.match(p.name) and p.is_dir()]
+    for p in found:
+        whole = p.with_name(p.name[1:].removesuffix(".old"))
+        if p.name.endswith(".old") and not whole.exists():  # killed between its two renames: the only copy
+            with contextlib.suppress(OSError):  # another rank may have restored it first
+                p.rename(whole)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    return found
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `ckpt_dir` (None: none); a killed save's leftovers are removed first."""
+    remove_leftovers(ckpt_dir)
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """`path` when it holds a whole training checkpoint, else FileNotFoundError naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such directory")
+    missing = [name for name in RESUME_FILES if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        missing.insert(1, "model.safetensors")
+    if missing:
+        raise FileNotFoundError(
+            f"--resume {path}: not a training checkpoint, {', '.join(missing)} missing (train.py writes each "
+            f"checkpoint as a step_NNNNNN directory in training.ckpt_dir; --resume alone takes the newest there)")
+    return path
 
 
 def rng_state() -> dict[str, Any]:
@@ -99,18 +142,23 @@ def save_checkpoint(
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+                    atomic_write(tmp / name, lambda f, src=src: shutil.copy2(src, f), "a checkpoint")
+        # each file fsynced (atomic_write), as the model's: a power loss after the rename finds them whole
+        opt = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        atomic_write(tmp / "optimizer.pt", lambda f: torch.save(opt, f), "a checkpoint")
         for name, tensors in (extra_tensors or {}).items():
             if tensors:
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
-        torch.save(rng_state(), tmp / "rng_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+                cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+                atomic_write(tmp / f"{name}.safetensors", lambda f, t=cpu: save_file(t, str(f)), "a checkpoint")
+        atomic_write(tmp / "rng_state.pt", lambda f: torch.save(rng_state(), f), "a checkpoint")
+        state = json.dumps({"step": step, **trainer_state}, indent=2)
+        atomic_write(tmp / "trainer_state.json", lambda f: f.write_text(state), "a checkpoint")
 
     atomic_write_dir(target, write, "a checkpoint")
     if keep_last_n:
         for _, old in list_checkpoints(ckpt_dir)[:-keep_last_n]:
             shutil.rmtree(old, ignore_errors=True)
+    remove_leftovers(ckpt_dir)
     return target
 
 
@@ -119,8 +167,12 @@ def read_checkpoint(path: str | Path) -> ResumeState:
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a training checkpoint: {state_file.name} is missing")
-    state = json.loads(state_file.read_text())
-    return ResumeState(step=int(state["step"]), trainer_state=state, path=path)
+    try:
+        state = json.loads(state_file.read_text())
+        step = int(state["step"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{state_file}: not a readable trainer state ({type(e).__name__}: {e})") from e
+    return ResumeState(step=step, trainer_state=state, path=path)
 
 
 def load_training_state(

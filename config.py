@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -199,6 +200,9 @@ class DistributedSettings:
 
 @dataclass
 class Config:
+    # modules imported before the config is validated (parts.import_modules): a module name, or a .py file's
+    # path; the parts they register can then be named ("train.py --import my_parts" adds to this list)
+    imports: list[str] = field(default_factory=list)
     model: ModelSettings = field(default_factory=ModelSettings)
     tiny: TinySettings = field(default_factory=TinySettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -214,11 +218,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Keys that existed once: a config that still sets one is told what replaced it.
+# Keys that existed once: a config that still sets one is told what replaced it (unless a part declares it).
 REMOVED_KEYS = {
     "algorithm.ppo_clip": "algorithm.policy_loss=ppo (it clips only once the policy moves: algorithm.num_iterations > 1)",
     "algorithm.drop_zero_std_groups": "algorithm.zero_variance_groups=drop",
+    # not TRL's clip epsilon (algorithm.epsilon_low / epsilon_high): the offset in inverse_logprob's 1 / (|log pi| + c)
+    "mitigation.epsilon": "mitigation.logprob_offset (inverse_logprob's w = 1 / (|log_prob| + logprob_offset); "
+                          "the same value means the same weights)",
 }
+TOP_LEVEL_KEYS = ("imports",)  # the top level's keys that are not sections
 
 
 # ---------------------------------------------------------------- parsing and type checking
@@ -284,6 +292,8 @@ def section_types(params: Mapping[str, Param]) -> dict[str, type]:
         extra.setdefault(section, []).append((name, p))
     out = {}
     for section, cls in typing.get_type_hints(Config).items():
+        if section in TOP_LEVEL_KEYS:
+            continue
         added = extra.pop(section, [])
         fixed = {f.name for f in dataclasses.fields(cls)}
         clash = [f"{section}.{name}" for name, _ in added if name in fixed]
@@ -303,7 +313,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
-        if f"{where}{key}" in REMOVED_KEYS:
+        if f"{where}{key}" in REMOVED_KEYS and key not in names:
             raise ConfigError(f"{where}{key} was removed; use {REMOVED_KEYS[f'{where}{key}']}")
     unknown = sorted(set(data) - names)
     if unknown:
@@ -319,11 +329,23 @@ def _build_config(data: Any, declared: Declarations) -> Config:
     sections = section_types(declared.params)
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping, got {data!r}")
-    unknown = sorted(set(data) - set(sections))
+    unknown = sorted(set(data) - set(sections) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys in the top level: "
-                          f"{', '.join(sorted(sections))}")
-    return Config(**{name: _build(cls, data.get(name) or {}, f"{name}.") for name, cls in sections.items()})
+                          f"{', '.join(sorted([*sections, *TOP_LEVEL_KEYS]))}")
+    return Config(imports=imports_of(data),
+                  **{name: _build(cls, data.get(name) or {}, f"{name}.") for name, cls in sections.items()})
+
+
+def imports_of(data: Any) -> list[str]:
+    """The raw config's `imports` (a list of module names or .py paths; absent or null: none)."""
+    if not isinstance(data, dict) or data.get("imports") is None:
+        return []
+    imports = _coerce(data["imports"], list[str], "imports")
+    bad = [m for m in imports if not m.strip()]
+    if bad:
+        raise ConfigError("imports: an entry is empty; each is a module name (my_parts) or a .py file's path")
+    return imports
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -356,10 +378,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                declared: Declarations | None = None) -> Config:
-    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate. `declared`: the
-    registered parts' names and keys (parts.declarations()); without it only the fixed keys exist."""
+def load_raw(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML file's mapping (empty when `path` is None) with the overrides applied, not yet checked."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -367,9 +387,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    return config_from_dict(apply_overrides(data, overrides or []), declared)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, training:, ...), "
+                              f"got a {type(data).__name__}")
+    return apply_overrides(data, overrides or [])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                declared: Declarations | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate. `declared`: the
+    registered parts' names and keys (parts.declarations()); without it only the fixed keys exist."""
+    return config_from_dict(load_raw(path, overrides), declared)
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML that load_config reads back to the same config (train.py --print-config)."""
+    return yaml.safe_dump(json.loads(json.dumps(config.to_dict())), sort_keys=False)
 
 
 def config_from_dict(data: dict[str, Any], declared: Declarations | None = None) -> Config:

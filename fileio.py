@@ -62,22 +62,34 @@ def atomic_write_text(path: str | Path, text: str, what: str = "a file") -> None
     atomic_write(path, lambda p: p.write_text(text), what)
 
 
-def atomic_write_dir(path: str | Path, write: Callable[[Path], None], what: str = "a directory") -> None:
-    """Build a directory under a temporary name next to `path`, then rename it into place.
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so the names created or renamed in it survive a power loss too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    If `path` exists it is replaced (moved aside first, removed after the rename succeeds).
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None], what: str = "a directory") -> None:
+    """Build a directory under a temporary name next to `path` (`.name.*.tmp`), then rename it into place.
+    `write` should fsync its files (atomic_write does).
+
+    If `path` exists it is replaced (moved aside to `.name.old` first, removed after the rename succeeds).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write(tmp)
+        fsync_dir(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:

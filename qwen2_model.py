@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -34,9 +34,8 @@ from fileio import atomic_write
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 GET_WEIGHTS_HINT = (
-    "Download the weights first, e.g. "
-    "`huggingface-cli download Qwen/Qwen2.5-3B-Instruct --local-dir Qwen2.5-3B-Instruct` "
-    "or `git lfs install && git clone https://huggingface.co/Qwen/Qwen2.5-3B-Instruct`."
+    "Download the weights first, e.g. `hf download Qwen/Qwen2.5-3B-Instruct --local-dir Qwen2.5-3B-Instruct` "
+    "(pip install -U huggingface_hub)."
 )
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -46,7 +45,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory is missing, incomplete, or does not match its config.json."""
+    """A checkpoint directory is missing, incomplete, unreadable, or does not match its config.json."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,10 +91,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "ModelConfig":
-        """Parse an HF config.json dict (transformers 4 or 5 layout). `source` names the file in errors."""
+        """Parse an HF config.json dict (transformers 4 or 5 layout). `source` names the file in errors, which
+        are CheckpointErrors (a ValueError)."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: key 'model_type' = {model_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
@@ -105,11 +107,18 @@ class ModelConfig:
             scaling = d.get(key) or {}
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
             if rope_type != "default":
-                raise ValueError(
+                raise CheckpointError(
                     f"{source}: key '{key}' has rope type {rope_type!r}; only default RoPE is implemented"
                 )
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for key in (*required, "num_key_value_heads", "head_dim"):
+            value = d.get(key)
+            if value is None and key in required:
+                raise CheckpointError(f"{source}: required key {key!r} is missing")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise CheckpointError(f"{source}: key {key!r} must be a positive integer, got {value!r}")
         if d.get("use_sliding_window", False):
-            raise ValueError(f"{source}: key 'use_sliding_window' = true; sliding-window attention is not implemented")
+            raise CheckpointError(f"{source}: key 'use_sliding_window' = true; sliding-window attention is not implemented")
         try:
             dtype = d.get("torch_dtype", d.get("dtype")) or "bfloat16"
             return cls(
@@ -131,13 +140,12 @@ class ModelConfig:
                 eos_token_id=d.get("eos_token_id"),
                 torch_dtype=str(dtype).removeprefix("torch."),
             )
-        except KeyError as e:
-            raise ValueError(f"{source}: required key {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:  # a value of the wrong type, or a shape __post_init__ rejects
+            raise CheckpointError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f), source=str(path))
+        return cls.from_dict(_read_json(Path(path)), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """An HF config.json dict that `transformers.AutoModelForCausalLM` loads to the same model."""
@@ -834,7 +842,7 @@ class Transformer(nn.Module):
 
         # Validate names and shapes from the headers before allocating anything.
         for file in sorted(set(key_files.values())):
-            with safe_open(file, framework="pt") as f:
+            with _open_tensors(file) as f:
                 stored = set(f.keys())
                 for key in sorted(k for k, v in key_files.items() if v == file):
                     if key not in stored:
@@ -863,7 +871,7 @@ class Transformer(nn.Module):
         device_str = str(torch.device(device))
         with torch.no_grad():
             for file in sorted(set(key_files.values())):
-                with safe_open(file, framework="pt", device=device_str) as f:
+                with _open_tensors(file, device_str) as f:
                     for key in f.keys():
                         if key in expected and key_files.get(key) == file:
                             params[key].copy_(f.get_tensor(key))  # casts to the model dtype in place
@@ -916,15 +924,34 @@ class Transformer(nn.Module):
 # File helpers
 
 
+def _read_json(file: Path) -> Any:
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); the file is damaged, download or copy it again") from e
+
+
+@contextlib.contextmanager
+def _open_tensors(file: Path, device: str = "cpu") -> Iterator[Any]:
+    """safe_open, a damaged file (a truncated download, a bad header) reported as a CheckpointError."""
+    try:
+        with safe_open(file, framework="pt", device=device) as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the file is damaged, download or "
+                              f"copy it again") from e
+
+
 def _tensor_files(path: Path) -> tuple[dict[str, Path], Path]:
     """Map each tensor key to the safetensors file holding it; also return the file that lists them."""
     single, index_file = path / SAFETENSORS_FILE, path / SAFETENSORS_INDEX_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_tensors(single) as f:
             return dict.fromkeys(f.keys(), single), single
     if index_file.is_file():
-        with open(index_file) as f:
-            weight_map = json.load(f).get("weight_map")
+        index = _read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file}: key 'weight_map' is missing or not a dict")
         key_files = {key: path / name for key, name in weight_map.items()}

@@ -79,14 +79,30 @@ class ExperimentError(ValueError):
 
 
 def task_names() -> list[str]:
-    from tasks import TASKS
+    from parts import tasks  # parts: every built-in task registered
 
-    return sorted(TASKS)
+    return sorted(tasks.TASKS)
+
+
+def import_modules(config_path: str | None, overrides: Sequence[str], imports: Sequence[str]) -> list[str]:
+    """Import the modules that the base config, the overrides and --import name (parts.with_imports), so the
+    tasks and parts they register can be named here; returns the override that hands --import's modules (with
+    the config's own) to every job, so that its run.json and config hash record them too."""
+    from config import ConfigError, load_raw
+    from parts import with_imports
+
+    try:
+        data = with_imports(load_raw(config_path, list(overrides)), imports)
+    except ConfigError as e:
+        raise ExperimentError(f"config error: {e}") from e
+    return [f"imports={json.dumps(data['imports'])}"] if imports else []
 
 
 def resolve_config(config_path: str, overrides: Sequence[str]) -> Any:
-    """The validated Config train.py would run with these overrides; a bad one is an ExperimentError."""
-    from config import ConfigError, load_config
+    """The validated Config train.py would run with these overrides (its `imports` imported first); a bad one is
+    an ExperimentError."""
+    from config import ConfigError
+    from parts import load_config
 
     try:
         return load_config(config_path, list(overrides))
@@ -1070,7 +1086,9 @@ def credit_comparison(jobs: Sequence[Job], ablations: Sequence[str], tokenizer_p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import cli
+
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help="countdown | bandit | gsm8k")
     p.add_argument("--ablations", required=True, help="comma-separated presets or groups from ablations.yaml")
     p.add_argument("--seeds", type=int, default=3, help="runs per ablation, seeds 1..N (default 3)")
@@ -1093,8 +1111,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "if listed, else the first)")
     p.add_argument("--set", action="append", default=[], metavar="section.key=value", dest="overrides",
                    help="a config override for every run (repeatable), e.g. --set eval.transfer_num_numbers=[]; "
+                        "a bare section.key=value word is the same; "
                         f"not the keys the runner sets ({', '.join(RUNNER_KEYS)}; under --seed-scope all also "
                         f"{', '.join(SCOPE_ALL_KEYS)})")
+    p.add_argument("words", nargs="*", metavar="section.key=value", help="config overrides, the same as --set")
+    p.add_argument("--import", action="append", default=[], dest="imports", metavar="MODULE",
+                   help="import MODULE (a name importable from the repository's root, or a .py file's path) here and "
+                        "in every run, as the config's `imports` do: the tasks and parts it registers can be named")
     p.add_argument("--assume-commit", default=None, metavar="REV",
                    help="the commit that runs finished before records existed (no run.json) ran at; recorded as "
                         "'<hash> (assumed)' in per_seed.csv, experiment.json and the summary, and kept there for "
@@ -1118,9 +1141,10 @@ class Plan:
 def prepare(args: argparse.Namespace) -> Plan:
     """Every check before anything starts: task, ablations, seeds, runner-owned keys, GPUs, config, output
     directory. Nothing is written."""
+    config = args.config or TASK_CONFIGS.get(args.task)
+    args.overrides = [*args.overrides, *import_modules(config, args.overrides, getattr(args, "imports", []))]
     if args.task not in task_names():
         raise ExperimentError(f"unknown task {args.task!r}; valid: {', '.join(task_names())}")
-    config = args.config or TASK_CONFIGS.get(args.task)
     if config is None:
         raise ExperimentError(f"--task {args.task} has no default config; pass --config (e.g. a copy of "
                               f"config.yaml with data.path set)")
@@ -1227,9 +1251,11 @@ def run_all(plan: Plan, args: argparse.Namespace) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.overrides = [*args.words, *args.overrides]
     args.out = args.out.resolve()
     if args.config is not None:  # relative to where the command was typed; the runs then start in the repo
         args.config = str(Path(args.config).resolve())
+    args.imports = [str(Path(m).resolve()) if m.endswith(".py") else m for m in args.imports]
     os.chdir(REPO)  # the configs' own relative paths (runs/tiny/model, ...) are relative to the repo
     try:
         plan = prepare(args)

@@ -69,7 +69,7 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             raise TokenizerFileError(
                 f"no tokenizer file at {tokenizer_file}. `{TOKENIZER_FILE}` ships with the Hugging "
-                f"Face checkpoint, e.g. `git clone https://huggingface.co/Qwen/Qwen2.5-3B-Instruct`; "
+                f"Face checkpoint, e.g. `hf download Qwen/Qwen2.5-3B-Instruct --local-dir Qwen2.5-3B-Instruct`; "
                 f"pass that directory (or the file itself)."
             )
         try:

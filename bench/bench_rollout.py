@@ -111,7 +111,7 @@ def measure(args: argparse.Namespace, models: dict, name: str, prompts: list[lis
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--shape", default="small", choices=sorted(harness.SHAPES))
     harness.add_device_args(p)
     p.add_argument("--repeats", type=int, default=5)

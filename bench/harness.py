@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
 from qwen2_model import ModelConfig, Transformer  # noqa: E402
 from stats import ratio_interval  # noqa: E402
 
@@ -56,8 +57,27 @@ def body_config(hidden: int, layers: int, vocab: int, kv_heads: int, dtype: str)
                        tie_word_embeddings=True, torch_dtype=dtype)
 
 
+def parser(description: str | None) -> cli.ArgumentParser:
+    """A bench's parser: flags in either spelling (--new_tokens = --new-tokens), errors in one line."""
+    return cli.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def device_arg(text: str) -> str:
+    """--device's value, checked before any model is built: a CUDA device on a machine without one is an error."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (torch "
+                                         f"{torch.__version__}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
