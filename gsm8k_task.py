@@ -1,8 +1,9 @@
 """GSM8K: grade-school math word problems with a numeric final answer.
 
 Reads the public layout from a local path (no download): a `.jsonl` or `.parquet` file, or a directory
-holding such files (the openai/gsm8k dataset repo has `main/train-*.parquet` and `main/test-*.parquet`; the
-original release has `train.jsonl` and `test.jsonl`). Every row has `question` and `answer`, and the final
+holding such files (the openai/gsm8k dataset repo has `main/train-*.parquet` and `main/test-*.parquet`, and the
+same problems with Socratic sub-questions in `socratic/`: at the repo's root, `data.gsm8k_config` picks one;
+the original release has `train.jsonl` and `test.jsonl`). Every row has `question` and `answer`, and the final
 answer follows `####` at the end of `answer`. The reward is the exact numeric match of the completion's
 `<answer>` against it, with a format reward for the tags, parsed without eval. `GSM8KTask` is
 ``data.task=gsm8k``.
@@ -17,12 +18,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from config import Param
 from countdown_task import DatasetError, extract_answer, format_reward_function, split_dataset
 from tasks import TASKS, Task
 from tokenizer import chat_prompt
 
-HOW_TO_GET = ("obtain it with `git clone https://huggingface.co/datasets/openai/gsm8k` (needs git-lfs) and point "
-              "data.path at its main/ directory, or at a .jsonl/.parquet file with question and answer columns")
+HOW_TO_GET = ("obtain it with `hf download openai/gsm8k --repo-type dataset --local-dir gsm8k` and point data.path "
+              "at that directory, or at a .jsonl/.parquet file with question and answer columns")
+CONFIGS = ("main", "socratic")  # the dataset's two configurations, one directory each
 SYSTEM_MESSAGE = ("You are a helpful assistant. You first think about the reasoning process in your mind and "
                   "then provide the user with the answer.")
 USER_TEMPLATE = ("{question}\nShow your work in <think> </think> tags. Return only the final number in "
@@ -93,24 +96,45 @@ def load_file(file: Path) -> list[GSM8KProblem]:
     return problems
 
 
-def find_files(path: Path) -> tuple[list[Path], list[Path]]:
-    """(train files, test files) under `path`: a file is its own train set; in a directory, files whose name
-    starts with 'test' are the test split (sorted, .jsonl and .parquet)."""
+def one_configuration(path: Path, files: list[Path], config: str) -> list[Path]:
+    """The files of one configuration: a directory whose data sit in several subdirectories (the dataset's root:
+    main/ and socratic/) is read from the one named `config`; any other mix is an error, never a merge."""
+    if path.name in CONFIGS and path.name != config:
+        raise DatasetError(f"data.path {path} is the {path.name}/ configuration but data.gsm8k_config is {config!r}: "
+                           f"set data.gsm8k_config={path.name}, or point data.path at the dataset's root")
+    where = {f.relative_to(path).parts[0] if f.parent != path else "." for f in files}
+    if len(where) == 1:
+        (only,) = where
+        if only in CONFIGS and only != config:
+            raise DatasetError(f"{path} holds only the {only}/ configuration, not data.gsm8k_config={config!r}")
+        return files
+    if config in where and "." not in where:
+        return [f for f in files if f.relative_to(path).parts[0] == config]
+    raise DatasetError(f"{path} holds data files in several places ({', '.join(sorted(where))}), which would be "
+                       f"merged: point data.path at one of them (data.gsm8k_config picks main/ or socratic/ at the "
+                       f"dataset's root)")
+
+
+def find_files(path: Path, config: str = "main") -> tuple[list[Path], list[Path]]:
+    """(train files, test files) under `path`: a file is its own train set; in a directory (of one configuration,
+    one_configuration), files whose name starts with 'test' are the test split (sorted, .jsonl and .parquet)."""
     if not path.exists():
         raise DatasetError(f"GSM8K data not found at {path}; {HOW_TO_GET}")
     if path.is_file():
         files = [path]
     else:
         files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet") and p.is_file())
+        files = one_configuration(path, files, config) if files else files
     if not files:
         raise DatasetError(f"no .jsonl or .parquet files in {path}; {HOW_TO_GET}")
     test = [f for f in files if f.name.startswith("test")]
     return [f for f in files if f not in test], test
 
 
-def load_gsm8k(path: str | Path) -> tuple[list[GSM8KProblem], list[GSM8KProblem]]:
-    """(train, test) problems; test is empty when the path has no test file (the caller then splits)."""
-    train_files, test_files = find_files(Path(path))
+def load_gsm8k(path: str | Path, config: str = "main") -> tuple[list[GSM8KProblem], list[GSM8KProblem]]:
+    """(train, test) problems of configuration `config` (main or socratic, when `path` is the dataset's root);
+    test is empty when the path has no test file (the caller then splits)."""
+    train_files, test_files = find_files(Path(path), config)
     train = [p for f in train_files for p in load_file(f)]
     test = [p for f in test_files for p in load_file(f)]
     if not train:
@@ -143,11 +167,13 @@ def reference_completion(problem: GSM8KProblem) -> str:
     return f"{worked}</think>\n<answer>{problem.answer}</answer>"
 
 
-@TASKS.register("gsm8k")
+@TASKS.register("gsm8k", params={"gsm8k_config": Param(
+        "main", "the dataset's configuration read when data.path is its root: main, or socratic (the same "
+        "problems, solutions written as sub-questions)", "main or socratic", lambda v: v in CONFIGS, str)})
 class GSM8KTask(Task):
     def load(self) -> tuple[list[Any], list[Any]]:
         d = self.config.data
-        train, test = load_gsm8k(d.path)
+        train, test = load_gsm8k(d.path, d.gsm8k_config)
         return (train, test) if test else split_dataset(train, int(d.test_size) if d.test_size >= 1 else d.test_size)
 
     def prompt(self, problem: GSM8KProblem) -> str:

@@ -115,11 +115,58 @@ def test_gsm8k_malformed_data_is_a_clear_error(tmp_path, content, message):
 
 
 def test_gsm8k_missing_path_says_how_to_get_it(tmp_path):
-    with pytest.raises(DatasetError, match="git clone https://huggingface.co/datasets/openai/gsm8k"):
+    with pytest.raises(DatasetError, match="hf download openai/gsm8k --repo-type dataset"):
         gsm8k_task.load_gsm8k(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no .jsonl or .parquet files"):
         gsm8k_task.load_gsm8k(tmp_path / "empty")
+
+
+def write_configurations(root: Path, names=("main", "socratic")) -> Path:
+    """The openai/gsm8k repository's layout: one directory of parquet files per configuration, the socratic rows'
+    questions marked so the two can be told apart."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        rows = [{**r, "question": f"{name}: {r['question']}"} for r in GSM8K_ROWS]
+        pq.write_table(pa.Table.from_pylist(rows[:3]), root / name / "train-00000-of-00001.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[3:]), root / name / "test-00000-of-00001.parquet")
+    (root / "README.md").write_text("# gsm8k")
+    return root
+
+
+def test_gsm8k_root_reads_one_configuration_never_both(tmp_path):
+    root = write_configurations(tmp_path / "gsm8k")
+    for name in ("main", "socratic"):
+        train, test = gsm8k_task.load_gsm8k(root, name)
+        assert len(train) == 3 and len(test) == 1  # not 6 and 2: the two configurations are not merged
+        assert all(p.question.startswith(f"{name}: ") for p in train + test)
+    cfg = load_config(None, ["data.task=gsm8k", f"data.path={root}", "data.gsm8k_config=socratic"])
+    train, _ = build_task(cfg).load()
+    assert {p.question.split(":")[0] for p in train} == {"socratic"}
+    assert load_config(None, ["data.task=gsm8k"]).data.gsm8k_config == "main"  # the default
+    with pytest.raises(ConfigError, match="data.gsm8k_config must be main or socratic"):
+        load_config(None, ["data.task=gsm8k", "data.gsm8k_config=Main"])
+
+
+@pytest.mark.parametrize("layout, config, message", [
+    (("main",), "socratic", "holds only the main/ configuration, not data.gsm8k_config='socratic'"),
+    (("main", "extra"), "socratic", r"several places \(extra, main\)"),
+    (("first", "second"), "main", r"several places \(first, second\)"),
+])
+def test_gsm8k_ambiguous_or_missing_configuration_is_an_error(tmp_path, layout, config, message):
+    root = write_configurations(tmp_path / "gsm8k", layout)
+    with pytest.raises(DatasetError, match=message):
+        gsm8k_task.load_gsm8k(root, config)
+
+
+def test_gsm8k_files_beside_a_configuration_directory_are_ambiguous_and_a_named_directory_must_match(tmp_path):
+    root = write_configurations(tmp_path / "gsm8k")
+    write_jsonl(root / "train.jsonl", GSM8K_ROWS)
+    with pytest.raises(DatasetError, match=r"several places \(\., main, socratic\)"):
+        gsm8k_task.load_gsm8k(root, "main")
+    assert len(gsm8k_task.load_gsm8k(root / "socratic", "socratic")[0]) == 3
+    with pytest.raises(DatasetError, match="is the socratic/ configuration but data.gsm8k_config is 'main'"):
+        gsm8k_task.load_gsm8k(root / "socratic", "main")
 
 
 @pytest.mark.parametrize("text, expected", [
