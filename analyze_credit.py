@@ -34,7 +34,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tokenizers import Tokenizer
 
-from credit_logger import FINAL_FILE, STEP_FILE_GLOB, step_files
+import cli
+from credit_logger import FINAL_FILE, STEP_FILE_GLOB, run_files
 
 REQUIRED_COLUMNS = (
     "step", "episode_idx", "group_idx", "position", "token_id", "log_prob", "entropy",
@@ -72,20 +73,22 @@ class CreditLogError(ValueError):
 # ----------------------------------------------------------------------------- loading
 
 def load_credit_logs(path: str | Path) -> pd.DataFrame:
-    """Load a credit log file, or a run directory's logs.
+    """Load a credit log file, or a run directory's logs (credit_logger.run_files).
 
     A directory is read as its `credit_logs_step_*.pkl` files concatenated in step order (each holds
-    one interval, together they partition the run); `credit_logs_final.pkl` (the whole run again)
-    is used only when there are no step files, so no token is counted twice.
+    one interval, together they partition the run), so no token is counted twice; `credit_logs_final.pkl`
+    is their index (read: the step files it lists), or in runs logged before that index (format 1) the whole
+    run again, used only when there are no step files.
     """
     path = Path(path)
     if not path.exists():
         raise CreditLogError(f"credit log path does not exist: {path}")
-    files = [path]
-    if path.is_dir():
-        files = [f for _, f in step_files(path)] or ([path / FINAL_FILE] if (path / FINAL_FILE).is_file() else [])
-        if not files:
-            raise CreditLogError(f"no credit log files in {path}: expected {STEP_FILE_GLOB} or {FINAL_FILE}")
+    try:
+        files = run_files(path)
+    except Exception as exc:  # an unreadable final file, or one listing step files that are gone
+        raise CreditLogError(f"cannot read credit log {path}: {type(exc).__name__}: {exc}") from exc
+    if not files:
+        raise CreditLogError(f"no credit log files in {path}: expected {STEP_FILE_GLOB} or {FINAL_FILE}")
     frames = [_read_one_log(f) for f in files]
     df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     df.attrs = dict(frames[0].attrs)
@@ -744,7 +747,7 @@ def _unique_labels(labels: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(  # --log_path or --log-path, as every front end
         description="Credit-assignment analysis of GRPO credit logs (contribution = A x log_prob).")
     parser.add_argument("--log_path", required=True,
                         help="a credit_logs_*.pkl file or a run's credit-log directory")

@@ -2,8 +2,11 @@
 
 Every `credit_save_interval` steps (and whenever a checkpoint is written) the rows buffered since the
 last write go to `credit_logs_step_NNNNNN.pkl` (NNNNNN = the last step they hold), so memory is bounded
-by one interval. At the end, `credit_logs_final.pkl` concatenates the run's step files. Each file is a
-pandas DataFrame saved with `DataFrame.to_pickle`; `analyze_credit.py` reads them.
+by one interval and the step files together hold every row once. At the end, `credit_logs_final.pkl` is their
+index (one row per step file: its name and last step), which marks the run finished and holds no rows again.
+Each file is a pandas DataFrame saved with `DataFrame.to_pickle`; `read_logs` (and `analyze_credit.py`) reads
+a run's rows from its directory or its final file, in this layout or the first one (format 1), whose final
+file held every row a second time.
 
 Columns: step, episode_idx, group_idx, position, length, token_id, log_prob, entropy, reward (raw),
 advantage (after normalization, filtering and reweighting), weight (the mitigation's), contribution
@@ -24,10 +27,12 @@ import pandas as pd
 from data_types import Episode, UpdateStats
 from fileio import atomic_write, ensure_free_space
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the final file is an index of the step files; 1: it held the whole run's rows again
 STEP_FILE = re.compile(r"^credit_logs_step_(\d+)\.pkl$")  # one interval's rows, NNNNNN = its last step
 STEP_FILE_GLOB = "credit_logs_step_*.pkl"
-FINAL_FILE = "credit_logs_final.pkl"  # the whole run's rows again
+FINAL_FILE = "credit_logs_final.pkl"  # the index of the step files (format 1: the whole run's rows)
+INDEX = "index"  # attrs["kind"] of a final file that is an index
+TEMP_FILE = re.compile(r"^\.credit_logs_.+\.tmp$")  # a write killed mid-way (fileio.atomic_write)
 
 
 def step_file_name(step: int) -> str:
@@ -41,6 +46,41 @@ def step_files(directory: str | Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
     return sorted(found)
+
+
+def is_index(frame: pd.DataFrame) -> bool:
+    return frame.attrs.get("kind") == INDEX
+
+
+def run_files(path: str | Path) -> list[Path]:
+    """The files that hold a run's rows, each once: a directory's step files (none: its final file, an index
+    or a format-1 file of rows); a final file that is an index: the step files it lists, beside it; any other
+    file: itself. A listed file that is gone is a FileNotFoundError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        files = [f for _, f in step_files(path)]
+        return files or (run_files(path / FINAL_FILE) if (path / FINAL_FILE).is_file() else [])
+    if path.name != FINAL_FILE:
+        return [path]
+    frame = pd.read_pickle(path)
+    if not isinstance(frame, pd.DataFrame) or not is_index(frame):
+        return [path]
+    files = [path.parent / name for name in frame["file"]]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} lists step files that are gone: {', '.join(missing)}")
+    return files
+
+
+def read_logs(path: str | Path) -> pd.DataFrame:
+    """A run's rows from its credit-log directory or final file (either format), in step order."""
+    files = run_files(path)
+    if not files:
+        raise FileNotFoundError(f"no credit log files in {path}: expected {STEP_FILE_GLOB} or {FINAL_FILE}")
+    frames = [pd.read_pickle(f) for f in files]
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    frame.attrs = dict(frames[0].attrs)
+    return frame
 
 
 def episode_rows(
@@ -108,16 +148,16 @@ class CreditLogger:
         return path
 
     def finalize(self) -> Path | None:
-        """Flush what is left and write credit_logs_final.pkl, the whole run's rows."""
+        """Flush what is left and write credit_logs_final.pkl, the index of the run's step files."""
         self.flush(self._last_step)
         files = step_files(self.directory)
         if not files:
             return None
-        frame = pd.concat([pd.read_pickle(p) for _, p in files], ignore_index=True)
-        frame.attrs.update({"format_version": FORMAT_VERSION, "mitigation": self.mitigation})
+        index = pd.DataFrame({"file": [p.name for _, p in files], "last_step": [step for step, _ in files]})
+        index.attrs.update({"format_version": FORMAT_VERSION, "kind": INDEX, "mitigation": self.mitigation})
         path = self.directory / FINAL_FILE
-        ensure_free_space(self.directory, int(frame.memory_usage(deep=True).sum()), "the final credit log")
-        atomic_write(path, lambda p: frame.to_pickle(p), "the final credit log")
+        atomic_write(path, lambda p: index.to_pickle(p), "the final credit log")
+        remove_temp_files(self.directory)
         return path
 
     def state_dict(self) -> dict[str, int]:
@@ -132,3 +172,12 @@ class CreditLogger:
             if step > resume_step:
                 path.unlink()
         (self.directory / FINAL_FILE).unlink(missing_ok=True)
+        remove_temp_files(self.directory)
+
+
+def remove_temp_files(directory: Path) -> None:
+    """The temporary files of credit-log writes that a crash (SIGKILL) cut short: never read, only in the way."""
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if TEMP_FILE.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)

@@ -485,6 +485,25 @@ def test_load_dir_uses_step_files_once(tok, tmp_path):
     assert len(ac.load_credit_logs(tmp_path / "run" / "credit_logs_final.pkl")) == len(df)
 
 
+def test_load_a_run_whose_final_file_is_the_index(tok, tmp_path):
+    """The logger's layout since format 2: step files and a final file that lists them (no rows of its own)."""
+    df = make_log(tok, seed=6, n_steps=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    names = []
+    for step, part in df.groupby("step"):
+        names.append(f"credit_logs_step_{step:06d}.pkl")
+        part.to_pickle(run / names[-1])
+    index = pd.DataFrame({"file": names, "last_step": sorted(df["step"].unique())})
+    index.attrs.update({"format_version": 2, "kind": "index", "mitigation": "none"})
+    index.to_pickle(run / "credit_logs_final.pkl")
+    for source in (run, run / "credit_logs_final.pkl"):
+        pd.testing.assert_frame_equal(ac.load_credit_logs(source).reset_index(drop=True), df.reset_index(drop=True))
+    (run / names[1]).unlink()
+    with pytest.raises(ac.CreditLogError, match=names[1]):
+        ac.load_credit_logs(run / "credit_logs_final.pkl")
+
+
 def test_step_files_in_numeric_order(tok, tmp_path):
     df = make_log(tok, seed=7, n_steps=2)
     (tmp_path / "run").mkdir()

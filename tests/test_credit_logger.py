@@ -1,11 +1,13 @@
-"""CreditLogger: step files, final file, columns against hand-built rows, resume, atomic writes."""
+"""CreditLogger: step files, the final index, columns against hand-built rows, resume, atomic writes, reading
+a run back in either format."""
 import random
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from credit_logger import CreditLogger
+import credit_logger
+from credit_logger import CreditLogger, read_logs
 from data_types import Episode, UpdateStats
 
 REQUIRED = ["step", "episode_idx", "group_idx", "position", "token_id", "log_prob", "entropy", "reward",
@@ -75,7 +77,7 @@ def no_temp_files(directory) -> bool:
     return all(not p.name.startswith(".") and not p.name.endswith(".tmp") for p in directory.iterdir())
 
 
-def test_step_files_hold_their_interval_and_final_concatenates(tmp_path):
+def test_step_files_hold_their_interval_and_the_final_file_indexes_them(tmp_path):
     logger = CreditLogger(tmp_path, save_interval=2, mitigation="entropy_weighted")
     rows = run_steps(logger, [1])
     assert list(tmp_path.iterdir()) == []  # nothing written mid-interval
@@ -95,12 +97,16 @@ def test_step_files_hold_their_interval_and_final_concatenates(tmp_path):
     f5 = tmp_path / "credit_logs_step_000005.pkl"
     assert_frame_matches(pd.read_pickle(f5), rows[5])
     assert final == tmp_path / "credit_logs_final.pkl"
-    frame = pd.read_pickle(final)
+    index = pd.read_pickle(final)  # the step files' index, no row of its own
+    assert index.to_dict("list") == {"file": [f2.name, f4.name, f5.name], "last_step": [2, 4, 5]}
+    assert index.attrs == {"format_version": 2, "kind": "index", "mitigation": "entropy_weighted"}
+    assert final.stat().st_size < 2000 < f2.stat().st_size  # the rows are not stored a second time
     all_rows = rows[1] + rows[2] + rows[3] + rows[4] + rows[5]
-    assert_frame_matches(frame, all_rows)
-    concat = pd.concat([pd.read_pickle(f) for f in (f2, f4, f5)], ignore_index=True)
-    pd.testing.assert_frame_equal(frame, concat)
-    assert frame.attrs["mitigation"] == "entropy_weighted"
+    for source in (tmp_path, final):  # the run read back from its directory or its final file
+        frame = read_logs(source)
+        assert_frame_matches(frame, all_rows)
+        pd.testing.assert_frame_equal(frame, pd.concat([pd.read_pickle(f) for f in (f2, f4, f5)], ignore_index=True))
+        assert frame.attrs["mitigation"] == "entropy_weighted"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "credit_logs_final.pkl", "credit_logs_step_000002.pkl", "credit_logs_step_000004.pkl",
         "credit_logs_step_000005.pkl"]
@@ -149,7 +155,7 @@ def test_resume_deletes_later_files_and_continues_counter(tmp_path):
     for name, frame in kept.items():
         pd.testing.assert_frame_equal(pd.read_pickle(tmp_path / name), frame)
     assert_frame_matches(pd.read_pickle(tmp_path / "credit_logs_step_000006.pkl"), rows[5] + rows[6])
-    final = pd.read_pickle(tmp_path / "credit_logs_final.pkl")
+    final = read_logs(tmp_path / "credit_logs_final.pkl")
     assert final["episode_idx"].tolist() == sorted(final["episode_idx"])
     assert final.drop_duplicates("episode_idx")["episode_idx"].tolist() == list(range(21))
     assert final["step"].unique().tolist() == [1, 2, 3, 4, 5, 6, 7]
@@ -177,3 +183,48 @@ def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         logger.log_step(2, eps, adv, stats)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["credit_logs_step_000001.pkl"]
+
+
+def test_format_1_runs_still_read_once(tmp_path):
+    """A run logged before the index: its final file holds every row again. Its directory reads the step files
+    (never both), its final file reads as the rows, and a directory left with only that file reads it."""
+    logger = CreditLogger(tmp_path, save_interval=2)
+    rows = run_steps(logger, [1, 2, 3, 4])
+    logger.finalize()
+    steps = [tmp_path / "credit_logs_step_000002.pkl", tmp_path / "credit_logs_step_000004.pkl"]
+    old = pd.concat([pd.read_pickle(f) for f in steps], ignore_index=True)
+    old.attrs.update({"format_version": 1, "mitigation": "none"})
+    old.to_pickle(tmp_path / "credit_logs_final.pkl")
+    all_rows = rows[1] + rows[2] + rows[3] + rows[4]
+    assert_frame_matches(read_logs(tmp_path), all_rows)
+    assert_frame_matches(read_logs(tmp_path / "credit_logs_final.pkl"), all_rows)
+    for f in steps:
+        f.unlink()
+    assert_frame_matches(read_logs(tmp_path), all_rows)
+
+
+def test_an_index_whose_step_file_is_gone_is_an_error_naming_it(tmp_path):
+    logger = CreditLogger(tmp_path, save_interval=1)
+    run_steps(logger, [1, 2])
+    logger.finalize()
+    (tmp_path / "credit_logs_step_000002.pkl").unlink()
+    with pytest.raises(FileNotFoundError, match="credit_logs_step_000002.pkl"):
+        read_logs(tmp_path / "credit_logs_final.pkl")
+    (tmp_path / "credit_logs_step_000001.pkl").unlink()
+    with pytest.raises(FileNotFoundError, match="credit_logs_step_000001.pkl"):
+        read_logs(tmp_path)
+    assert credit_logger.run_files(tmp_path / "elsewhere.pkl") == [tmp_path / "elsewhere.pkl"]
+
+
+def test_temporary_files_of_a_killed_write_are_removed_on_resume_and_at_the_end(tmp_path):
+    logger = CreditLogger(tmp_path, save_interval=1)
+    run_steps(logger, [1, 2])
+    killed = tmp_path / ".credit_logs_step_000003.pkl.k1ll3d.tmp"  # fileio.atomic_write's name, cut short
+    killed.write_bytes(b"partial")
+    resumed = CreditLogger(tmp_path, save_interval=1)
+    resumed.load_state_dict({"next_episode_idx": 6}, resume_step=2)
+    assert not killed.exists()
+    killed.write_bytes(b"partial")
+    run_steps(resumed, [3], first_episode_idx=6)
+    resumed.finalize()
+    assert not killed.exists() and no_temp_files(tmp_path)
