@@ -37,7 +37,8 @@ def extend_section() -> str:
     text = path.read_text()
     assert SECTION in text, f"{path} has no '{SECTION}' section"
     body = text.split(SECTION, 1)[1]
-    return re.split(r"^## ", body, maxsplit=1, flags=re.M)[0]
+    # up to the next heading: its "### Name your module once" subsection is test_plugins.py's example
+    return re.split(r"^#{2,3} ", body, maxsplit=1, flags=re.M)[0]
 
 
 def python_blocks() -> list[str]:
