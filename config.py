@@ -91,7 +91,7 @@ class DataSettings:
     """The task and its data; a task's own keys (countdown's generate_*, the bandit's num_arms) are declared
     by the task (countdown_task.py, bandit_task.py)."""
 
-    task: str = "countdown"  # a registered task: countdown | bandit | gsm8k
+    task: str = "countdown"  # a registered task: countdown | countdown_words | bandit | gsm8k
     path: str = "countdown_data"  # countdown: the Countdown-Tasks-3to4 layout; gsm8k: .jsonl/.parquet file or dir
     test_size: float = 128  # last rows held out for evaluation (a count, or a fraction < 1)
     prompt_style: Literal["chat", "compact"] = "chat"
@@ -145,7 +145,7 @@ class AlgorithmSettings:
     """The GRPO variant. The registered parts' own keys (grpo's adv_eps, softmax's tau, the clipped losses'
     epsilon_low / epsilon_high, dual_clip's clip_ratio_c) are declared in grpo.py beside them."""
 
-    adv_estimator: str = "grpo"  # a registered advantage function: grpo | dr_grpo | softmax | softmax_centered | rloo
+    adv_estimator: str = "grpo"  # a registered advantage function: grpo | dr_grpo | softmax | softmax_centered | rloo | vine
     # the softmax temperature `tau` over the run: constant, or linear from tau_start to tau_end
     tau_schedule: Literal["constant", "linear"] = "constant"
     tau_start: float = 0.75

@@ -60,8 +60,8 @@ class Solution:
 DATASET_REPO = "Jiayi-Pan/Countdown-Tasks-3to4"
 DATASET_FILE = "train-00000-of-00001.parquet"
 _HOW_TO_GET = (
-    f"obtain it with `git clone https://huggingface.co/datasets/{DATASET_REPO}` "
-    "(needs git-lfs) or generate one with "
+    f"obtain it with `hf download {DATASET_REPO} --repo-type dataset --local-dir Countdown-Tasks-3to4` "
+    "or generate one with "
     "`python countdown_task.py generate --out DIR --n 10000`"
 )
 

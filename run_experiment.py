@@ -1089,7 +1089,7 @@ def build_parser() -> argparse.ArgumentParser:
     import cli
 
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help="countdown | bandit | gsm8k")
+    p.add_argument("--task", required=True, help="a registered task: countdown | countdown_words | bandit | gsm8k (or one of --import's)")
     p.add_argument("--ablations", required=True, help="comma-separated presets or groups from ablations.yaml")
     p.add_argument("--seeds", type=int, default=3, help="runs per ablation, seeds 1..N (default 3)")
     p.add_argument("--steps", type=int, required=True, help="training steps per run")

@@ -330,8 +330,8 @@ def test_split_semantics():
 
 
 def test_missing_path_explains_how_to_get_data(tmp_path):
-    with pytest.raises(ct.DatasetError, match="git clone https://huggingface.co/datasets/"
-                                              "Jiayi-Pan/Countdown-Tasks-3to4") as err:
+    with pytest.raises(ct.DatasetError, match="hf download Jiayi-Pan/Countdown-Tasks-3to4 "
+                                              "--repo-type dataset") as err:
         ct.load_countdown_dataset(tmp_path / "nope")
     assert "countdown_task.py generate" in str(err.value)
     assert isinstance(err.value, ValueError)
@@ -441,7 +441,7 @@ def test_cli_generate_then_check(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "30 problems" in out.stdout and "solves 10/10" in out.stdout
     out = _cli("check", "--data", str(tmp_path / "missing"))
-    assert out.returncode == 2 and "git clone" in out.stderr
+    assert out.returncode == 2 and "hf download" in out.stderr
 
 
 def test_solve_with_rng_returns_varied_valid_solutions():

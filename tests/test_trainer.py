@@ -317,7 +317,7 @@ def test_bad_inputs_are_one_line_errors_not_tracebacks(tiny_assets, tmp_path, ca
     cfg_file.write_text(yaml.safe_dump(cfg))
     assert train.main(["--config", str(cfg_file)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "git clone" in err
+    assert err.startswith("error: ") and "hf download" in err
     assert train.main(["--config", str(cfg_file), f"data.path={tiny_assets['data']}",
                        f"model.path={tmp_path / 'Qwen2.5-3B-Instruct'}"]) == 1
     assert "Qwen2.5-3B-Instruct" in capsys.readouterr().err
