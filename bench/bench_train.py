@@ -1,5 +1,5 @@
 """One GRPO update's peak memory and time: log-probs over the whole [B, T, vocab] logits at once vs in chunks
-recomputed in the backward (`UpdateConfig.logits_chunk_tokens`), on the same weights and episodes.
+recomputed in the backward (`UpdateSettings.logits_chunk_tokens`), on the same weights and episodes.
 
     python bench/bench_train.py [--vocab 151936 --hidden 256 --layers 2 --rows 16 --new_tokens 256]
     python bench/bench_train.py --shape qwen2.5-3b --device cuda --dtype bfloat16 --peak_tflops 989
@@ -14,7 +14,7 @@ the tokens it runs, per second) and, with `--peak_tflops` (the device's dense pe
 On CUDA one untimed update at learning rate 0 runs first (`--warmup`), so the time is a warm update's.
 
 `--group G` makes the rows GRPO groups: rows / G prompts (of `--prompt_tokens`), G completions each; a third
-variant then runs each prompt once (`UpdateConfig.share_prompts`, the default in training; the other two run
+variant then runs each prompt once (`UpdateSettings.share_prompts`, the default in training; the other two run
 every prompt + completion as one row, as with `training.share_prompts: false`).
 Prints a table, then one JSON line.
 """
@@ -31,6 +31,7 @@ import torch
 
 import harness  # first: it puts the repository root on sys.path
 import grpo
+import update
 from data_types import Episode
 from harness import PeakMemory, body_config, model_config
 from qwen2_model import Transformer
@@ -53,22 +54,24 @@ def child(args: argparse.Namespace) -> None:
                         text="", reward=0.0, reward_info={}, finished=True, group_idx=i // args.group)
                 for i in range(args.rows)]
     advantages = torch.randn(args.rows, generator=g)
-    cfg_update = grpo.UpdateConfig(micro_batch_size=args.rows, max_grad_norm=1e9, share_prompts=bool(args.share),
-                                   logits_chunk_tokens=args.chunk if args.chunk > 0 else None)
+    settings = update.UpdateSettings(micro_batch_size=args.rows, max_grad_norm=1e9, share_prompts=bool(args.share),
+                                     logits_chunk_tokens=args.chunk if args.chunk > 0 else None)
+    objective = grpo.objective()  # the plain policy gradient, token-mean
     for _ in range(args.warmup):  # first-call costs (CUDA context, cuBLAS, kernel choice) out of the timing; lr 0
-        grpo.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes, advantages, cfg_update)
+        update.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes, advantages, settings,
+                             objective)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
-        grpo.update_policy(model, opt, episodes, advantages, cfg_update)
+        update.update_policy(model, opt, episodes, advantages, settings, objective)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     peak = memory.bytes
     delta = torch.cat([(p.detach() - b).float().flatten().cpu() for p, b in zip(model.parameters(), before)])
     torch.save(delta, args.out)
-    tokens = grpo.padded_tokens(episodes, bool(args.share))  # the tokens this variant runs (no padding here)
+    tokens = update.padded_tokens(episodes, bool(args.share))  # the tokens this variant runs (no padding here)
     flops = 6 * model.num_parameters() * tokens  # forward + backward over every token, prompts included
     print(json.dumps({"peak_bytes_above_model": peak, "seconds": seconds, "model_tflops": flops / seconds / 1e12}))
 

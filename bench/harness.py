@@ -212,6 +212,6 @@ def setup_run(config_path: str | Path, out: Path, extra: Sequence[str] = ()):
     """A trainer.Run of the config, stepped with trainer.train_step(run, step); the tiny default builds its
     model and data first when they are missing."""
     import trainer
-    from config import load_config
+    from parts import load_config
 
     return trainer.setup(load_config(str(config_path), [*quiet_run_overrides(out), *extra]), resume=None)
