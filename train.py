@@ -1,4 +1,5 @@
-"""Train a policy with GRPO on the configured task (data.task: countdown, countdown_words, bandit, gsm8k, or one of your own).
+"""Train a policy with GRPO on the configured task (data.task: countdown, countdown_words, bandit, gsm8k, or one
+of your own).
 
     python train.py --config config.yaml [section.key=value ...] [--resume [CHECKPOINT]] [--import MODULE]
     python train.py --config config.yaml [section.key=value ...] --print-config
