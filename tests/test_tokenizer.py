@@ -122,7 +122,7 @@ def test_missing_file_error(tmp_path):
         Tokenizer(tmp_path)
     assert isinstance(exc.value, ValueError)
     assert str(tmp_path) in str(exc.value)
-    assert "huggingface.co/Qwen/Qwen2.5-3B-Instruct" in str(exc.value)
+    assert "hf download Qwen/Qwen2.5-3B-Instruct --local-dir Qwen2.5-3B-Instruct" in str(exc.value)
 
 
 def test_malformed_files_error(tmp_path):
