@@ -419,7 +419,7 @@ def run_cli(*args, cwd=REPO, timeout=600):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task", "sokoban", "--ablations", "baseline", "--steps", "2"], "unknown task 'sokoban'; valid: bandit, countdown, gsm8k"),
+    (["--task", "sokoban", "--ablations", "baseline", "--steps", "2"], "unknown task 'sokoban'; valid: bandit, countdown, countdown_words, gsm8k"),
     (["--task", "bandit", "--ablations", "baseline,nope", "--steps", "2"], "unknown ablation 'nope'; presets: baseline"),
     (["--task", "bandit", "--ablations", "baseline", "--steps", "2", "--gpus", "7"], "GPU id(s) 7 do not exist"),
     (["--task", "gsm8k", "--ablations", "baseline", "--steps", "2"], "pass --config"),

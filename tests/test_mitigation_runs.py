@@ -18,6 +18,7 @@ import fileio
 import train_mitigations
 import trainer
 from conftest import run_config
+from credit_logger import read_logs
 from grpo_mitigations import WEIGHTERS
 from parts import config_from_dict
 
@@ -37,7 +38,8 @@ def test_mitigation_runs_and_its_credit_logs_analyze(name, tiny_assets, tmp_path
 
     for d in (f"logs_{name}", f"credit_logs_{name}", f"ckpt_{name}"):
         assert (tmp_path / d).is_dir(), d
-    final = pd.read_pickle(tmp_path / f"credit_logs_{name}" / "credit_logs_final.pkl")
+    # the final file indexes the step files (credit-log format 2): the run's rows are read through it
+    final = read_logs(tmp_path / f"credit_logs_{name}" / "credit_logs_final.pkl")
     assert set(REQUIRED) <= set(final.columns)
     assert sorted(final["step"].unique()) == [1, 2, 3]
     assert final.attrs["mitigation"] == name

@@ -39,8 +39,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_registry_and_unknown_task_error():
-    assert set(TASKS) == {"countdown", "bandit", "gsm8k"}
-    with pytest.raises(ConfigError, match="data.task 'sokoban' is unknown; valid: bandit, countdown, gsm8k"):
+    assert set(TASKS) == {"countdown", "bandit", "gsm8k", "countdown_words"}
+    with pytest.raises(ConfigError, match="data.task 'sokoban' is unknown; valid: bandit, countdown, countdown_words, gsm8k"):
         load_config(None, ["data.task=sokoban"])
 
 
