@@ -260,6 +260,8 @@ def _write_checkpoint(run: Run, step: int, model_state: dict | None, optimizer_s
                                     tokenizer_dir=run.tokenizer_dir, extra_tensors=run.weighter.checkpoint_state(),
                                     keep_last_n=t.keep_last_n, model_state=model_state,
                                     optimizer_state=optimizer_state)
+    # the next save copies the tokenizer from here: a resumed run's source checkpoint may since be pruned
+    run.tokenizer_dir = run.last_ckpt
 
 
 # ============================================================================ rollouts and evaluation

@@ -127,6 +127,17 @@ def test_resume_is_bit_identical_and_logs_continue_without_gaps(tiny_assets, tmp
     pd.testing.assert_frame_equal(ca, cb)
 
 
+def test_a_resumed_run_keeps_copying_the_tokenizer_after_its_source_checkpoint_is_pruned(tiny_assets, tmp_path):
+    """A resumed run copied the tokenizer from the checkpoint it resumed from; once pruning removed that one,
+    later checkpoints had no tokenizer.json and were no usable model directory (credit_truth failed on them)."""
+    keep_one = {"ckpt_save_interval": 1, "keep_last_n": 1}
+    trainer.train(config_from_dict(run_config(tiny_assets, tmp_path, training={**keep_one, "max_steps": 1})))
+    trainer.train(config_from_dict(run_config(tiny_assets, tmp_path, training=keep_one)), resume=True)
+    (last,) = sorted((tmp_path / "ckpt").glob("step_*"))
+    assert last.name == "step_000004"
+    assert (last / "tokenizer.json").read_bytes() == (Path(tiny_assets["model"]) / "tokenizer.json").read_bytes()
+
+
 def test_resume_after_a_crash_redoes_the_lost_steps_once(tiny_assets, tmp_path):
     """A run that died after step 3 (checkpoint at 2) left metrics and credit rows for step 3:
     resuming removes them and redoes step 3, so nothing is duplicated."""
