@@ -31,14 +31,14 @@ def outcome_conditional_weights(answer_mask: torch.Tensor, mask: torch.Tensor, t
     return w * mask
 
 
-def inverse_logprob_weights(log_probs: torch.Tensor, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """1 / (|log pi| + epsilon), DETACHED.
+def inverse_logprob_weights(log_probs: torch.Tensor, mask: torch.Tensor, logprob_offset: float) -> torch.Tensor:
+    """1 / (|log pi| + logprob_offset), DETACHED.
 
     The seeds' version kept the gradient through the weight: then d/dθ [A log pi / (|log pi| + eps)] =
     A eps / (|log pi| + eps)^2 x d log pi, a different (and vanishing for unlikely tokens) update rule,
     not the reweighting it claims to be. Detached, the gradient is A / (|log pi| + eps) x d log pi.
     """
-    return (1.0 / (log_probs.detach().abs() + epsilon)) * mask
+    return (1.0 / (log_probs.detach().abs() + logprob_offset)) * mask
 
 
 def masked_softmax_times_count(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -232,14 +232,14 @@ class OutcomeConditionalWeighter(TokenWeighter):
 
 
 @WEIGHTERS.register("inverse_logprob", params={
-    "epsilon": Param(0.1, "w = 1 / (|log_prob| + epsilon)", "> 0", lambda v: v > 0)})
+    "logprob_offset": Param(0.1, "w = 1 / (|log_prob| + logprob_offset)", "> 0", lambda v: v > 0)})
 class InverseLogprobWeighter(TokenWeighter):
-    def __init__(self, epsilon: float = 0.1, **_: Any):
+    def __init__(self, logprob_offset: float = 0.1, **_: Any):
         super().__init__()
-        self.epsilon = epsilon
+        self.logprob_offset = logprob_offset
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:
-        return inverse_logprob_weights(batch.log_probs, batch.mask, self.epsilon)
+        return inverse_logprob_weights(batch.log_probs, batch.mask, self.logprob_offset)
 
 
 @WEIGHTERS.register("attention_credit", params={

@@ -178,7 +178,8 @@ def test_batch_size_must_equal_questions_times_answers():
     ("algorithm.tau=-0.5", "algorithm.tau"),
     ("algorithm.beta=-0.1", "beta"),
     ("mitigation.think_discount=1.5", "think_discount"),
-    ("mitigation.epsilon=0", "mitigation.epsilon"),
+    ("mitigation.logprob_offset=0", "mitigation.logprob_offset"),
+    ("mitigation.epsilon=0.1", "mitigation.logprob_offset"),  # the old name names the new one
     ("mitigation.credit_scale=0.5", "credit_scale"),
     ("mitigation.entropy_temp=0", "entropy_temp"),
     ("mitigation.mask_percentile=100", "mask_percentile"),

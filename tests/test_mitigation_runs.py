@@ -67,18 +67,22 @@ def test_unknown_mitigation_and_bad_parameter_fail_before_training(tmp_path, cap
         train_mitigations.main(["--config", "config_tiny.yaml", "--mitigation", "magic"])
     assert "invalid choice" in capsys.readouterr().err
     assert train_mitigations.main(["--config", "config_tiny.yaml", "--mitigation", "inverse_logprob",
-                                   "--epsilon", "0", f"model.path={tmp_path / 'never_built'}"]) == 2
-    assert "mitigation.epsilon" in capsys.readouterr().err
+                                   "--logprob_offset", "0", f"model.path={tmp_path / 'never_built'}"]) == 2
+    assert "mitigation.logprob_offset" in capsys.readouterr().err
+    # the old flag, easily read as a clip epsilon, names its new name
+    with pytest.raises(SystemExit):
+        train_mitigations.main(["--config", "config_tiny.yaml", "--mitigation", "inverse_logprob", "--epsilon", "0.1"])
+    assert "--epsilon was renamed: use --logprob_offset" in capsys.readouterr().err
     assert not (tmp_path / "never_built").exists()
 
 
 def test_output_dirs_sit_next_to_the_configured_ones():
-    o = train_mitigations.mitigation_overrides("inverse_logprob", {"epsilon": 0.1, "think_discount": None},
+    o = train_mitigations.mitigation_overrides("inverse_logprob", {"logprob_offset": 0.1, "think_discount": None},
                                                "runs/x/logs", "runs/x/credit_logs", "ckpt")
     assert "training.log_dir=runs/x/logs_inverse_logprob" in o
     assert "credit.dir=runs/x/credit_logs_inverse_logprob" in o
     assert "training.ckpt_dir=ckpt_inverse_logprob" in o
-    assert "mitigation.epsilon=0.1" in o and not any("think_discount" in x for x in o)
+    assert "mitigation.logprob_offset=0.1" in o and not any("think_discount" in x for x in o)
 
 
 def test_attribution_head_resumes_exactly(tiny_assets, tmp_path):

@@ -87,7 +87,7 @@ def test_inverse_logprob_values_and_detached_gradient():
 def test_inverse_logprob_weighter_class():
     lp = torch.tensor([[-0.5, -2.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
-    w = gm.build_weighter("inverse_logprob", epsilon=0.5).weights(make_batch(mask, log_probs=lp))
+    w = gm.build_weighter("inverse_logprob", logprob_offset=0.5).weights(make_batch(mask, log_probs=lp))
     assert not w.requires_grad
     torch.testing.assert_close(w, torch.tensor([[1.0, 0.4, 0.0]]))
 
@@ -415,7 +415,7 @@ EXPECTED_NAMES = {"none", "outcome_conditional", "inverse_logprob", "attention_c
 def test_every_registered_name_builds():
     assert set(gm.WEIGHTERS) == EXPECTED_NAMES
     for name in gm.WEIGHTERS:
-        w = gm.build_weighter(name, hidden_size=8, think_discount=0.5, epsilon=0.1, credit_scale=2.0,
+        w = gm.build_weighter(name, hidden_size=8, think_discount=0.5, logprob_offset=0.1, credit_scale=2.0,
                               entropy_temp=1.0, mask_percentile=80.0, attribution_entropy_coef=0.0)
         assert isinstance(w, gm.WEIGHTERS.get(name)) and w.name == name
     assert gm.build_weighter("attribution", hidden_size=8).needs_hidden
@@ -432,7 +432,7 @@ def test_unknown_weighter_lists_valid_names():
 @pytest.mark.parametrize("name, params", [
     ("outcome_conditional", {"think_discount": 1.5}),
     ("outcome_conditional", {"think_discount": -0.1}),
-    ("inverse_logprob", {"epsilon": 0.0}),
+    ("inverse_logprob", {"logprob_offset": 0.0}),
     ("attention_credit", {"credit_scale": 0.5}),
     ("entropy_weighted", {"entropy_temp": 0.0}),
     ("entropy_masking", {"mask_percentile": 100.0}),

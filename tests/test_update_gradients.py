@@ -85,7 +85,7 @@ def reference_weights(name: str, model: Transformer, episodes: list[Episode], lp
         elif name == "outcome_conditional":
             w = torch.where(think, params["think_discount"], 1.0)
         elif name == "inverse_logprob":
-            w = 1.0 / (lp.detach().abs() + params["epsilon"])
+            w = 1.0 / (lp.detach().abs() + params["logprob_offset"])
         elif name == "entropy_weighted":
             w = torch.softmax(h / params["entropy_temp"], 0) * n
         elif name == "entropy_masking":
@@ -209,7 +209,7 @@ def on_device(model, weighter, ref_model, device: torch.device):
 def check_update(loss_name="pg", mode="token-mean", micro=4, old_mode="rollout", weighter_name="none",
                  head: dict | None = None, max_tokens=None, share_prompts=True, advantages=ADVANTAGES,
                  device: torch.device = torch.device("cpu"), **terms):
-    params = {"think_discount": 0.3, "epsilon": 0.1, "credit_scale": 2.0, "entropy_temp": 0.7,
+    params = {"think_discount": 0.3, "logprob_offset": 0.1, "credit_scale": 2.0, "entropy_temp": 0.7,
               "mask_percentile": 60.0, "attribution_entropy_coef": 0.0, "attribution_lr": None, **(head or {})}
     model, ref_model = make_model(0), make_model(1)
     episodes = make_episodes(model)
@@ -447,7 +447,7 @@ def run_update(skip: bool, advantages: list[float], optimizer: str = "sgd", befo
     episodes = make_episodes(model)
     opt = (torch.optim.SGD(model.parameters(), lr=1.0) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
-    weighter = gm.build_weighter("inverse_logprob", epsilon=0.1)
+    weighter = gm.build_weighter("inverse_logprob", logprob_offset=0.1)
     settings = update.UpdateSettings(micro_batch_size=2, skip_zero_gradient=skip, max_grad_norm=1e9)
     objective = grpo.objective("ppo")
     if before is not None:  # an earlier update, so AdamW has momentum
