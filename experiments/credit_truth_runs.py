@@ -27,6 +27,16 @@ from stats import t_interval  # noqa: E402
 
 METRICS = ("rank_correlation", "sign_agreement", "top_quartile_mass", "top_quartile_overlap")
 RUNNER_KEYS = ("training.", "data.task=", "eval.")  # set per run by the runner, not part of what an ablation is
+RENAMED = {"mitigation.epsilon=": "mitigation.logprob_offset="}  # experiments recorded before a key's rename
+
+
+def current_names(overrides: list[str]) -> list[str]:
+    out = []
+    for o in overrides:
+        for old, new in RENAMED.items():
+            o = new + o[len(old):] if o.startswith(old) else o
+        out.append(o)
+    return out
 
 
 def last_checkpoint(run: Path) -> Path:
@@ -41,7 +51,7 @@ def analyze_run(run: Path, config: str, overrides: list[str], episodes: int, k: 
     if not (out / "summary.md").is_file():
         cmd = [sys.executable, str(ROOT / "credit_truth.py"), "--checkpoint", str(last_checkpoint(run)), "--config",
                config, "--episodes", str(episodes), "--k", str(k), "--output_dir", str(out), "--num_threads", "1",
-               *[o for o in overrides if not o.startswith(RUNNER_KEYS)]]
+               *[o for o in current_names(overrides) if not o.startswith(RUNNER_KEYS)]]
         print(" ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
     return out
@@ -84,14 +94,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("experiment", type=Path)
     p.add_argument("--episodes", type=int, default=64)
     p.add_argument("--k", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="*", help="analyze only these seeds (default: every finished one); "
+                   "runs analyzed earlier are pooled whatever this says")
     args = p.parse_args(argv)
     spec = json.loads((args.experiment / "experiment.json").read_text())
+    # the runner records the config's absolute path; in another clone, the same file name in the current directory
+    config = spec["config"] if Path(spec["config"]).is_file() else Path(spec["config"]).name
     frames = {}
     for ablation, overrides in spec["ablations"].items():
         for run in sorted((args.experiment / "runs" / ablation).glob("seed*")):
-            if (run / "done.json").is_file():
-                out = analyze_run(run, spec["config"], list(overrides), args.episodes, args.k)
-                frames[(ablation, int(run.name[4:]))] = pd.read_csv(out / "agreement.csv")
+            seed, done = int(run.name[4:]), (run / "credit_truth" / "summary.md").is_file()
+            if not done and (run / "done.json").is_file() and (not args.seeds or seed in args.seeds):
+                analyze_run(run, config, list(overrides), args.episodes, args.k)
+                done = True
+            if done:
+                frames[(ablation, seed)] = pd.read_csv(run / "credit_truth" / "agreement.csv")
     table = pooled(frames)
     table.to_csv(args.experiment / "credit_truth.csv", index=False)
     figures = [*METRICS, *sorted(f for f in table.figure.unique() if f.startswith("mass_share_"))]
