@@ -4,14 +4,13 @@
 Front ends (`train.py`, `train_mitigations.py`, `run_experiment.py`) only build a `Config` (parts.load_config)
 and call `train(config)`. `setup` builds a `Run`; each step then calls into one room at a time, handing it what
 it needs: the rollout (`collect_groups`, rollout.py), the task (`inject_references`), under
-`adv_estimator: vine` the Monte-Carlo values (`vine_token_advantages`, credit_values.py), the algorithm
+`adv_estimator: vine` the Monte-Carlo values (`vine.token_advantages`), the algorithm
 (`select_and_advantage`, grpo.py), the update (`apply_update`, update.py), then evaluation and the logs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -29,8 +28,9 @@ import distributed
 import grpo
 import rollout
 import update
+import vine
 from checkpoint import latest_checkpoint, load_training_state, read_checkpoint, save_checkpoint
-from config import Config, ConfigError, TrainingSettings
+from config import Config, TrainingSettings
 from credit_logger import CreditLogger, step_files
 from data_types import Episode
 from distributed import Dist
@@ -178,7 +178,7 @@ def _optimizer(model: Transformer, weighter: TokenWeighter, t: TrainingSettings)
 def setup(config: Config, resume: str | bool | None) -> Run:
     """Data, model, weighter, optimizer, logging; restored from a checkpoint when resuming."""
     t = config.training
-    check_vine(config)
+    vine.check_vine(config)
     _seed_everything(t)
     device = resolve_device(config.model.device)
     dist = distributed.init(device, config.distributed.strategy)
@@ -400,113 +400,6 @@ def inject_references(task: Task, tokenizer: Tokenizer, episodes: list[Episode],
     return {"injection/groups": float(injected), "injection/only_correct_frac": only / max(injected, 1)}
 
 
-# ============================================================================ VinePPO: advantages from MC values
-
-VINE_SALT = 0x56494E45  # "VINE": the continuations' noise stream, apart from the rollout's (seed, step, round)
-
-
-def check_vine(config: Config) -> None:
-    """ConfigError for what vine cannot honour, before anything loads. dynamic_sampling and soft_reweight judge
-    a group by its rewards' spread, but under vine a group whose answers all scored the same still carries
-    per-token advantages; a greedy run (temperature 0) has no continuations to average."""
-    a, t = config.algorithm, config.training
-    if a.adv_estimator != "vine":
-        return
-    problems = []
-    if a.dynamic_sampling:
-        problems.append("algorithm.dynamic_sampling drops groups whose rewards are all equal, which vine trains on "
-                        "(algorithm.zero_variance_groups=drop drops the groups whose token advantages are all 0)")
-    if a.soft_reweight:
-        problems.append("algorithm.soft_reweight scales a group by its reward std, 0 for equal rewards whose vine "
-                        "advantages are not")
-    if vine_temperature(config) <= 0:
-        problems.append("algorithm.vine_temperature must be > 0 when training.temperature is 0 (greedy): the values "
-                        "average sampled continuations")
-    if problems:
-        raise ConfigError("algorithm.adv_estimator=vine: " + "; ".join(problems))
-
-
-def vine_temperature(config: Config) -> float:
-    a = config.algorithm
-    return config.training.temperature if a.vine_temperature is None else a.vine_temperature
-
-
-def continuation_reward_fn(task: Task, tokenizer: Tokenizer, problem: Any, config: Config) -> cv.RewardFn:
-    """A completion's reward from its token ids, as the rollout and shape_rewards give it: the task's reward of
-    the text (decoded without the end token), plus DAPO's overlong penalty of its length."""
-    end = set(tokenizer.end_token_ids)
-    a, t = config.algorithm, config.training
-
-    def reward(ids: list[int]) -> float:
-        body = ids[:-1] if ids and ids[-1] in end else ids
-        r = float(task.reward(problem, tokenizer.decode(body))["reward"])
-        if a.overlong_buffer_len > 0:
-            r += float(grpo.overlong_penalty(torch.tensor([len(ids)]), t.max_new_tokens, a.overlong_buffer_len,
-                                             a.overlong_penalty)[0])
-        return r
-    return reward
-
-
-def vine_token_advantages(run: Run, episodes: Sequence[Episode], step: int
-                          ) -> tuple[list[np.ndarray], dict[str, float]]:
-    """VinePPO's per-token advantages of every episode (credit_values.vine_episode_advantages): K continuations
-    of each state at the unit's boundaries (`vine_unit`: the task's step ends or every token), a state shared
-    within a group sampled once, keyed by (training.seed, step) so that a resumed run draws the same ones, and
-    sharded over ranks like the rollout. Also what they cost (vine/*, duration/vine)."""
-    t, a, tok = run.config.training, run.config.algorithm, run.tokenizer
-    start = time.perf_counter()
-    queries = [cv.ValueQuery(e.prompt_token_ids, e.generated_token_ids,
-                             continuation_reward_fn(run.task, tok, e.problem, run.config),
-                             cv.unit_positions(a.vine_unit, tok.decode, e.generated_token_ids,
-                                               run.task.step_ends(e.text)))
-               for e in episodes]
-    # a reference completion longer than the budget (ground-truth injection) needs continuations that long: in
-    # such a step every state may continue that far (only then do the values see a longer horizon than rollouts)
-    budget = max([t.max_new_tokens, *(len(e.generated_token_ids) for e in episodes)])
-    with distributed.full_weights(run.model, run.dist):
-        advantages, estimates, cost = cv.vine_episode_advantages(
-            run.model, queries, [e.reward for e in episodes], k=a.vine_k, max_new_tokens=budget,
-            eos_token_id=tok.end_token_ids, temperature=vine_temperature(run.config), top_p=t.top_p,
-            seed=stream_key(t.seed, step, VINE_SALT), engine=run.engine, max_rows=vine_rows(run.config),
-            pad_token_id=tok.pad_token_id, dist=run.dist)
-    stderr = np.concatenate([e.stderr for e in estimates])
-    tokens = np.concatenate(advantages) if advantages else np.zeros(0)
-    return advantages, {
-        "vine/states": float(cost.states), "vine/continuations": float(cost.continuations),
-        "vine/tokens": float(cost.sampled_tokens), "vine/kept_tokens": float(cost.kept_tokens),
-        "vine/value_stderr": float(stderr.mean()) if len(stderr) else 0.0,
-        "vine/token_advantage_abs_mean": float(np.abs(tokens).mean()) if len(tokens) else 0.0,
-        "duration/vine": time.perf_counter() - start}
-
-
-def vine_rows(config: Config) -> int:
-    """Continuation rows per engine call: as many as one rollout call holds, so the values never need a larger
-    KV cache than the rollout."""
-    t = config.training
-    return t.rollout_batch_size or t.num_questions_per_batch * t.num_answers_per_question
-
-
-def token_advantage_spread(token_advantages: Sequence[np.ndarray], group_size: int) -> torch.Tensor:
-    """[groups] the root mean square of each group's token advantages: vine's group filters read it where
-    GRPO's read the reward std. It is 0 exactly when every token advantage of the group is 0; a group whose
-    answers all scored the same is not, unless its states were all valued at that score."""
-    groups = [np.concatenate(token_advantages[q:q + group_size]) for q in range(0, len(token_advantages), group_size)]
-    return torch.tensor([float(np.sqrt(np.mean(a * a))) if len(a) else 0.0 for a in groups], dtype=torch.float64)
-
-
-def select_by_spread(spread: torch.Tensor, top_k: float | None, drop_zero: bool) -> torch.Tensor:
-    """grpo.select_groups on a given per-group spread: the top_k groups by spread (a count >= 1 or a fraction < 1,
-    rounded up; ties keep the earlier group), then without those of spread 0 when `drop_zero`."""
-    n = len(spread)
-    keep = torch.arange(n)
-    if top_k is not None:
-        k = max(1, min(n, math.ceil(top_k * n) if top_k < 1 else int(top_k)))
-        keep = torch.tensor(sorted(sorted(range(n), key=lambda i: (-float(spread[i]), i))[:k]), dtype=torch.long)
-    if drop_zero:
-        keep = keep[spread[keep] > 0]
-    return keep
-
-
 # ============================================================================ filtering and advantages
 
 
@@ -516,7 +409,7 @@ def select_and_advantage(config: Config, episodes: list[Episode], step: int,
     """Group filtering, then advantages: (kept episodes, their advantages, [groups, G] advantages, tau).
 
     `token_advantages` (vine): every episode's per-token advantages. The filters read their spread instead of
-    the rewards' (token_advantage_spread); the kept groups' advantages, whitened over their tokens when
+    the rewards' (vine.token_advantage_spread); the kept groups' advantages, whitened over their tokens when
     `algorithm.vine_whiten` (credit_values.whiten), are the kept episodes' (a list of per-token tensors), and
     the [groups, G] matrix holds each episode's mean token advantage."""
     t, a = config.training, config.algorithm
@@ -527,7 +420,7 @@ def select_and_advantage(config: Config, episodes: list[Episode], step: int,
     if token_advantages is None:
         keep = grpo.select_groups(rewards, top_k, drop_zero_std=drop)
     else:
-        keep = select_by_spread(token_advantage_spread(token_advantages, g), top_k, drop)
+        keep = vine.select_by_spread(vine.token_advantage_spread(token_advantages, g), top_k, drop)
     index = [int(q) * g + j for q in keep for j in range(g)]
     kept = [episodes[i] for i in index]
     tau = grpo.tau_at_step(step, t.max_steps, a.tau_schedule, a.tau, a.tau_start, a.tau_end)
@@ -666,7 +559,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                                          run.reference_cache))
     token_adv = None
     if run.config.algorithm.adv_estimator == "vine":
-        token_adv, vine_metrics = vine_token_advantages(run, episodes, step)
+        token_adv, vine_metrics = vine.token_advantages(run.config, run.task, run.tokenizer, run.model, run.engine,
+                                                        run.dist, episodes, step)
         metrics.update(vine_metrics)
     kept, flat_adv, advantages, tau = select_and_advantage(run.config, episodes, step, token_adv)
     metrics.update(step_metrics(episodes, kept, advantages))

@@ -25,6 +25,7 @@ import grpo
 import tasks
 import trainer
 import update
+import vine
 from config import ConfigError
 from conftest import run_config
 from countdown_task import CountdownTask
@@ -188,7 +189,7 @@ def expected_advantages(assets: dict, episodes: list, config, step: int) -> tupl
             p, tok.decode(c[:-1] if c and c[-1] in end else c))["reward"] + overlong(len(c), config), pos[:-1]))
     estimates, cost = cv.estimate_values(model, queries, k=a.vine_k, max_new_tokens=t.max_new_tokens,
                                          eos_token_id=tok.end_token_ids, temperature=t.temperature,
-                                         seed=stream_key(t.seed, step, trainer.VINE_SALT))
+                                         seed=stream_key(t.seed, step, vine.VINE_SALT))
     out = []
     for e, pos, est in zip(episodes, positions, estimates):
         values = list(est.values) + [e.reward]
@@ -258,13 +259,13 @@ def test_groups_whose_answers_scored_the_same_are_trained_on(tmp_path, monkeypat
 def test_group_filters_read_the_spread_of_token_advantages():
     adv = [np.array([0.0, 0.0]), np.array([0.0]), np.array([0.5, -0.5]), np.array([0.1]),
            np.array([0.0]), np.array([-0.2, 0.0, 0.0])]
-    spread = trainer.token_advantage_spread(adv, 2)
+    spread = vine.token_advantage_spread(adv, 2)
     np.testing.assert_allclose(spread, [0.0, math.sqrt(0.51 / 3), math.sqrt(0.04 / 4)])
-    assert trainer.select_by_spread(spread, None, drop_zero=True).tolist() == [1, 2]
-    assert trainer.select_by_spread(spread, None, drop_zero=False).tolist() == [0, 1, 2]
-    assert trainer.select_by_spread(spread, 1, drop_zero=False).tolist() == [1]
-    assert trainer.select_by_spread(spread, 0.5, drop_zero=False).tolist() == [1, 2]  # ceil(0.5 x 3) = 2
-    assert trainer.select_by_spread(torch.zeros(3, dtype=torch.float64), 2, drop_zero=False).tolist() == [0, 1]
+    assert vine.select_by_spread(spread, None, drop_zero=True).tolist() == [1, 2]
+    assert vine.select_by_spread(spread, None, drop_zero=False).tolist() == [0, 1, 2]
+    assert vine.select_by_spread(spread, 1, drop_zero=False).tolist() == [1]
+    assert vine.select_by_spread(spread, 0.5, drop_zero=False).tolist() == [1, 2]  # ceil(0.5 x 3) = 2
+    assert vine.select_by_spread(torch.zeros(3, dtype=torch.float64), 2, drop_zero=False).tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("loss, weighter", [("pg", "outcome_conditional"), ("ppo", "entropy_masking"),
