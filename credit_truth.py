@@ -25,8 +25,21 @@ Agreement with the truth, per episode, then over episodes with bootstrap 95% int
 Broken down by token type (analyze_credit.classify_tokens) and relative position, where `mass_share` is the
 share of each signal's mass (and of the truth's, |a|) on that group: where each puts credit.
 
+The truth is itself an estimate: a = a* + e, with e the sampling noise of two independent K-sample means and
+E[e^2] = se^2 (unbiased sample variances). |a| therefore carries noise mass on every token whose continuations
+vary, in proportion to how many such tokens a group has. Two figures of the truth alone say how much:
+
+    noise_fraction        sum se^2 / sum a^2 (overall and per group): about 1 where the truth cannot tell the
+                          group's tokens from noise, near 0 where its a is mostly signal
+    excess_share          the group's share of sum(a^2 - se^2), an unbiased estimate of where the squared
+                          true advantage a*^2 lies (noise-corrected; an estimate, so it can leave [0, 1])
+
+`--rescore DIR` recomputes the tables and summary of an earlier output directory from its units.csv (no
+sampling): for new metrics, or another --bootstrap.
+
     python credit_truth.py --checkpoint runs/tiny/ckpt/step_000300 --config config_tiny.yaml \
         --episodes 64 --k 8 --output_dir runs/tiny/credit_truth [--unit token|step] [--split test|train]
+    python credit_truth.py --rescore runs/tiny/credit_truth
 """
 
 from __future__ import annotations
@@ -64,6 +77,8 @@ TRUTH = "mc_advantage"  # the truth scored as a signal: the reference row of eve
 METRICS = ("rank_correlation", "sign_agreement", "top_quartile_mass", "top_quartile_overlap")
 N_POSITION_BINS = 5
 SIGNIFICANCE_Z = 2.0
+UNIT_COLUMNS = ("episode_idx", "position", "length", "reward", "mc_value", TRUTH, "mc_stderr", "token_id",
+                "position_bin", "type")  # units.csv's columns that are not signals
 EPISODE_SALT = 0xC4ED17  # the stream of the sampled completions, apart from training's and evaluation's
 
 
@@ -138,6 +153,19 @@ def episode_parts(signal: np.ndarray, truth: np.ndarray, truth_se: np.ndarray, g
             "top_quartile_mass": _defined(mass[group & top].sum() / in_group if in_group > 0 and top.any()
                                           else math.nan),
             "mass_share": _defined(in_group / mass.sum() if mass.sum() > 0 else math.nan)}
+
+
+def truth_noise_parts(truth: np.ndarray, truth_se: np.ndarray, group: np.ndarray | None = None
+                      ) -> dict[str, tuple[float, float]]:
+    """How much of the truth is its own sampling noise, as (numerator, denominator) pairs pooled over episodes:
+    noise_fraction = sum se^2 / sum a^2 on the group's tokens; with a group, excess_share = its share of the
+    episode's sum(a^2 - se^2), which estimates sum a*^2 without bias (a = a* + e, E[e^2] = se^2)."""
+    a2, s2 = np.asarray(truth, dtype=float) ** 2, np.asarray(truth_se, dtype=float) ** 2
+    g = np.ones(len(a2), dtype=bool) if group is None else group
+    out = {"noise_fraction": (float(s2[g].sum()), float(a2[g].sum()))}
+    if group is not None:
+        out["excess_share"] = (float((a2[g] - s2[g]).sum()), float((a2 - s2).sum()))
+    return out
 
 
 def bootstrap_indices(n_episodes: int, n_boot: int, seed: int = 0) -> np.ndarray:
@@ -323,9 +351,12 @@ def agreement_parts(df: pd.DataFrame, signal_names: Sequence[str]) -> dict[tuple
         truth, se = e[TRUTH].to_numpy(), e["mc_stderr"].to_numpy()
         for name in signal_names:
             c = e[name].to_numpy()
-            found = [("all", "all", episode_parts(c, truth, se))]
+            noise = truth_noise_parts if name == TRUTH else (lambda *_: {})
+            found = [("all", "all", {**episode_parts(c, truth, se), **noise(truth, se)})]
             for kind, col in breakdowns:
-                found += [(kind, str(g), episode_parts(c, truth, se, (e[col] == g).to_numpy())) for g in groups[kind]]
+                for g in groups[kind]:
+                    in_g = (e[col] == g).to_numpy()
+                    found.append((kind, str(g), {**episode_parts(c, truth, se, in_g), **noise(truth, se, in_g)}))
             for kind, group, metrics in found:
                 for metric, (num, den) in metrics.items():
                     nums, dens = parts.setdefault((name, kind, group, metric), ([], []))
@@ -339,10 +370,17 @@ def agreement_table(parts: dict, idx: np.ndarray) -> pd.DataFrame:
     rows = []
     for (name, kind, group, metric), (num, den) in parts.items():
         value, low, high = ratio_interval(num, den, idx)
-        counted = int((den > 0).sum())
+        counted = int((den != 0).sum())
         rows.append({"signal": name, "breakdown": kind, "group": group, "metric": metric, "value": value,
                      "low": low, "high": high, "episodes": counted})
     return pd.DataFrame(rows)
+
+
+def score(units: pd.DataFrame, signals: Sequence[str], n_boot: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
+    """The agreement table and the best-signal lines of a units frame (one bootstrap draw shared by all)."""
+    parts = agreement_parts(units, [TRUTH, *signals])
+    idx = bootstrap_indices(units["episode_idx"].nunique(), n_boot, seed)
+    return agreement_table(parts, idx), best_signal_lines(parts, idx, signals)
 
 
 def best_signal_lines(parts: dict, idx: np.ndarray, signals: Sequence[str]) -> list[str]:
@@ -412,6 +450,20 @@ class Report:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def noise_markdown(table: pd.DataFrame) -> str:
+    """The truth's noise_fraction and excess_share, overall and per group."""
+    sub = table[(table["signal"] == TRUTH) & table["metric"].isin(["noise_fraction", "excess_share"])]
+    lines = ["| tokens | noise_fraction | excess_share |", "|---|---|---|"]
+    keys = sorted({(k, g) for k, g in zip(sub["breakdown"], sub["group"])},
+                  key=lambda kg: (["all", "type", "position"].index(kg[0]), len(kg[1]), kg[1]))
+    for kind, group in keys:
+        cells = [_cell(r.iloc[0]) if len(r := sub[(sub["breakdown"] == kind) & (sub["group"] == group)
+                                                 & (sub["metric"] == m)]) else "n/a"
+                 for m in ("noise_fraction", "excess_share")]
+        lines.append(f"| {'all' if kind == 'all' else f'{kind} {group}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary_markdown(r: Report) -> str:
     m = r.meta
     kinds = [k for k in ("type", "position") if k in set(r.table["breakdown"])]
@@ -427,7 +479,12 @@ def summary_markdown(r: Report) -> str:
            "`mc_advantage` is the truth scored against itself: the ceiling of each metric (its top-quartile mass is "
            "how concentrated the truth is). Every weight is >= 0, so every signal carries the sign of A: sign "
            "agreement is GRPO's, except on tokens a signal zeroes (entropy_masking). Definitions: the module "
-           "docstring of credit_truth.py.\n"]
+           "docstring of credit_truth.py.\n",
+           "## How much of the truth is sampling noise\n", noise_markdown(r.table), "",
+           "noise_fraction: sum se^2 / sum a^2 (about 1: the truth cannot tell these tokens from noise); "
+           "excess_share: the tokens' share of sum(a^2 - se^2), the noise-corrected estimate of where the squared "
+           "true advantage lies. Read the truth's mass_share below with these: its |a| carries noise mass on every "
+           "token whose continuations vary.\n"]
     for kind in kinds:
         out += [f"## Where the credit goes, by {kind}: share of each signal's mass\n",
                 breakdown_markdown(r.table, kind, "mass_share", [TRUTH, *r.signals]), "",
@@ -524,23 +581,35 @@ def analyze(args: argparse.Namespace) -> Report:
     hf_tokenizer = analyze_credit.load_tokenizer(Path(args.checkpoint))
     units = unit_frame(episodes, truth, signals, lambda df: analyze_credit.classify_tokens(df, hf_tokenizer))
     names = list(signals)
-    parts = agreement_parts(units, [TRUTH, *names])
-    idx = bootstrap_indices(len(episodes), args.bootstrap, args.seed)
-    meta = {"checkpoint": str(args.checkpoint), "episodes": len(episodes), "questions": len(episodes) // g,
+    table, best = score(units, names, args.bootstrap, args.seed)
+    meta = {"signals": names, "checkpoint": str(args.checkpoint), "episodes": len(episodes), "questions": len(episodes) // g,
             "group_size": g, "split": args.split, "unit": args.unit, "k": args.k, "seed": args.seed,
             "temperature": t.temperature, "mean_reward": float(np.mean([e.reward for e in episodes])),
             "states": truth.cost.states, "kept_tokens": truth.cost.kept_tokens,
             "sampled_tokens": truth.cost.sampled_tokens, "value_seconds": truth.seconds, "units": len(units),
             "significant": int((units[TRUTH].abs() > SIGNIFICANCE_Z * units["mc_stderr"]).sum()),
             "bootstrap": args.bootstrap, "total_seconds": time.perf_counter() - start}
-    return Report(units, agreement_table(parts, idx), best_signal_lines(parts, idx, names), names, meta)
+    return Report(units, table, best, names, meta)
+
+
+def rescore(directory: Path, n_boot: int) -> Report:
+    """An earlier output directory's Report recomputed from its units.csv and meta.json (no sampling)."""
+    if not (directory / "units.csv").is_file() or not (directory / "meta.json").is_file():
+        raise FileNotFoundError(f"--rescore {directory}: no units.csv and meta.json (a credit_truth output directory)")
+    units = pd.read_csv(directory / "units.csv")
+    meta = json.loads((directory / "meta.json").read_text())
+    names = meta.get("signals") or [c for c in units.columns if c not in UNIT_COLUMNS]
+    table, best = score(units, names, n_boot, meta["seed"])
+    return Report(units, table, best, names, {**meta, "signals": names, "bootstrap": n_boot})
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a model directory (a training checkpoint step_*/)")
+    p.add_argument("--checkpoint", help="a model directory (a training checkpoint step_*/)")
     p.add_argument("--config", default="config_tiny.yaml", help="the run's config: task, data, sampling, weighters")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir")
+    p.add_argument("--rescore", type=Path, metavar="DIR",
+                   help="recompute an earlier output directory's tables from its units.csv (no sampling)")
     p.add_argument("--episodes", type=int, default=64, help="completions sampled (a multiple of the group size)")
     p.add_argument("--k", type=int, default=8, help="continuations per state")
     p.add_argument("--unit", choices=("token", "step"), default="token", help="value every token, or step ends")
@@ -554,13 +623,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Report:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rescore is None and not (args.checkpoint and args.output_dir):
+        parser.error("--checkpoint and --output_dir are required (or --rescore DIR)")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:
-        report = analyze(args)
+        report = rescore(args.rescore, args.bootstrap) if args.rescore else analyze(args)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"credit_truth: {err}") from err
+    args.output_dir = args.output_dir or str(args.rescore)
     write_report(report, Path(args.output_dir))
     print("\n".join(report.best))
     print(f"[credit_truth] wrote {args.output_dir} ({report.meta['total_seconds']:.0f} s)")

@@ -3,8 +3,10 @@
 For each run DIR/runs/<ablation>/seed<k>/ with a done.json: credit_truth on its last checkpoint, with the
 experiment's base config and the ablation's overrides (experiment.json), written to the run's credit_truth/
 (skipped when its summary.md exists, so a rerun resumes). Then one table per experiment, DIR/credit_truth.md and
-.csv: per ablation and signal, each agreement metric's mean over seeds with a t-interval over seeds, and the
-truth's and each signal's share of mass on filler and reasoning tokens.
+.csv: per ablation and signal, each agreement metric's mean over seeds with a t-interval over seeds, the
+truth's and each signal's share of mass on each token type, and how much of the truth is sampling noise
+(credit_truth's noise_fraction, and excess_share: the noise-corrected share of the squared truth per type).
+`--rescore` first recomputes every analyzed run's tables from its units.csv (credit_truth --rescore: no sampling).
 
     python experiments/credit_truth_runs.py experiments/mitigations_char --episodes 64 --k 8
 
@@ -64,9 +66,9 @@ def pooled(frames: dict[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
         overall = df[(df.breakdown == "all")]
         for r in overall.itertuples():
             rows.append((ablation, seed, r.signal, r.metric, r.value))
-        by_type = df[(df.breakdown == "type") & (df.metric == "mass_share")]
+        by_type = df[(df.breakdown == "type") & df.metric.isin(["mass_share", "excess_share", "noise_fraction"])]
         for r in by_type.itertuples():
-            rows.append((ablation, seed, r.signal, f"mass_share_{r.group}", r.value))
+            rows.append((ablation, seed, r.signal, f"{r.metric}_{r.group}", r.value))
     long = pd.DataFrame(rows, columns=["ablation", "seed", "signal", "figure", "value"])
     out = []
     for (ablation, signal, figure), g in long.groupby(["ablation", "signal", "figure"], sort=False):
@@ -89,11 +91,27 @@ def markdown(table: pd.DataFrame, figure: str) -> str:
     return "\n".join(lines)
 
 
+def truth_markdown(table: pd.DataFrame, metric: str) -> str:
+    """The truth's own figure per ablation (rows) and token type (columns)."""
+    sub = table[(table.signal == "mc_advantage") & table.figure.str.startswith(metric + "_")]
+    if sub.empty:
+        return ""
+    sub = sub.assign(group=sub.figure.str[len(metric) + 1:])
+    wide, half = (sub.pivot(index="ablation", columns="group", values=v) for v in ("mean", "ci95"))
+    lines = [f"### the truth's {metric} by token type", "", "| trained with | " + " | ".join(wide.columns) + " |",
+             "|---" * (len(wide.columns) + 1) + "|"]
+    for ab in wide.index:
+        lines.append(f"| `{ab}` | " + " | ".join(f"{wide.loc[ab, c]:.3f} ± {half.loc[ab, c]:.3f}" for c in wide.columns)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", type=Path)
     p.add_argument("--episodes", type=int, default=64)
     p.add_argument("--k", type=int, default=8)
+    p.add_argument("--rescore", action="store_true", help="recompute every analyzed run's tables from its units.csv")
     p.add_argument("--seeds", type=int, nargs="*", help="analyze only these seeds (default: every finished one); "
                    "runs analyzed earlier are pooled whatever this says")
     args = p.parse_args(argv)
@@ -107,11 +125,15 @@ def main(argv: list[str] | None = None) -> None:
             if not done and (run / "done.json").is_file() and (not args.seeds or seed in args.seeds):
                 analyze_run(run, config, list(overrides), args.episodes, args.k)
                 done = True
+            if done and args.rescore:
+                subprocess.run([sys.executable, str(ROOT / "credit_truth.py"), "--rescore", str(run / "credit_truth")],
+                               check=True, stdout=subprocess.DEVNULL)
             if done:
                 frames[(ablation, seed)] = pd.read_csv(run / "credit_truth" / "agreement.csv")
     table = pooled(frames)
     table.to_csv(args.experiment / "credit_truth.csv", index=False)
     figures = [*METRICS, *sorted(f for f in table.figure.unique() if f.startswith("mass_share_"))]
+    figures += ["noise_fraction"] if "noise_fraction" in set(table.figure) else []
     text = [f"# Credit ground truth per ablation ({args.experiment.name})", "",
             f"credit_truth.py on each run's last checkpoint: {args.episodes} completions of held-out problems, "
             f"token values from K = {args.k} continuations; per run the figure over its episodes, here the mean "
@@ -119,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             "columns: the credit signal scored on it (mc_advantage: the truth against itself).", "",
             "    python experiments/credit_truth_runs.py " + " ".join(sys.argv[1:] if argv is None else argv), ""]
     text += [markdown(table, f) + "\n" for f in figures]
+    text += [truth_markdown(table, m) for m in ("excess_share", "noise_fraction")]
     (args.experiment / "credit_truth.md").write_text("\n".join(text))
     print(f"wrote {args.experiment / 'credit_truth.md'}")
 

@@ -108,6 +108,45 @@ def test_ratio_intervals_pool_episodes_and_pair_differences():
     assert all(math.isnan(v) for v in ct.ratio_interval(np.zeros(3), np.zeros(3), idx))
 
 
+def test_truth_noise_parts_by_hand():
+    truth, se = np.array([0.5, -0.1, 0.2, 0.0]), np.array([0.1, 0.1, 0.2, 0.0])
+    group = np.array([True, True, False, False])
+    assert list(ct.truth_noise_parts(truth, se)) == ["noise_fraction"]
+    assert ct.truth_noise_parts(truth, se)["noise_fraction"] == pytest.approx((0.06, 0.30))
+    parts = ct.truth_noise_parts(truth, se, group)
+    assert parts["noise_fraction"] == pytest.approx((0.02, 0.26))
+    assert parts["excess_share"] == pytest.approx((0.24, 0.24))  # the other half: 0.04 - 0.04 = 0
+
+
+def test_excess_share_finds_the_true_credit_where_the_truths_mass_share_counts_noise():
+    """Values are K = 8 Bernoulli means at every state, the truth as credit_values makes it (independent
+    estimates, sample SD with ddof=1 / sqrt K). Tokens of group `idle` leave the success probability where it was
+    (a* = 0), those of `pivot` move it by 0.15: |a| gives `idle` about half the mass (noise), excess_share ~0."""
+    rng = np.random.default_rng(0)
+    k, n_tokens, n_episodes = 8, 40, 1500
+    idle = np.arange(n_tokens) % 2 == 0
+    sums = {"mass": np.zeros(2), "excess": np.zeros(2), "se2": np.zeros(2), "a2": np.zeros(2)}
+    for _ in range(n_episodes):
+        p = np.empty(n_tokens + 1)
+        p[0] = rng.uniform(0.3, 0.7)
+        for t in range(n_tokens):
+            p[t + 1] = p[t] if idle[t] else np.clip(p[t] + rng.choice([-0.15, 0.15]), 0.05, 0.95)
+        rewards = rng.random((n_tokens + 1, k)) < p[:, None]
+        values, se = rewards.mean(1), rewards.std(1, ddof=1) / math.sqrt(k)
+        truth, truth_se = np.diff(values), np.sqrt(se[1:] ** 2 + se[:-1] ** 2)
+        for i, group in enumerate((idle, ~idle)):
+            sums["mass"][i] += np.abs(truth[group]).sum()
+            parts = ct.truth_noise_parts(truth, truth_se, group)
+            sums["excess"][i] += parts["excess_share"][0]
+            sums["se2"][i] += parts["noise_fraction"][0]
+            sums["a2"][i] += parts["noise_fraction"][1]
+    assert sums["mass"][0] / sums["mass"].sum() > 0.4  # the raw truth: idle tokens look nearly as credited
+    excess = sums["excess"] / sums["excess"].sum()
+    assert abs(excess[0]) < 0.05 and excess[1] == pytest.approx(1.0, abs=0.05)
+    noise = sums["se2"] / sums["a2"]  # pooled over episodes, as the tables pool them
+    assert noise[0] == pytest.approx(1.0, abs=0.05) and noise[1] < 0.8
+
+
 def test_best_signal_is_named_only_when_separated():
     idx = ct.bootstrap_indices(30, 500)
     ones, den = np.ones(30), np.ones(30)
@@ -183,6 +222,17 @@ def test_the_command_values_every_token_and_scores_every_signal(tmp_path, tiny_a
                   & (table["breakdown"] == "all")]["value"] == 1.0).all()
     summary = (out / "summary.md").read_text()
     assert "## Which signal agrees best" in summary and "| attribution |" in summary
+    assert "## How much of the truth is sampling noise" in summary
+    noise = table[(table["signal"] == ct.TRUTH) & (table["metric"] == "excess_share")]
+    for kind in ("type", "position"):  # the groups' noise-corrected shares partition the whole
+        assert noise[noise["breakdown"] == kind]["value"].sum() == pytest.approx(1.0)
+    # --rescore: the same tables again from units.csv alone, without the model
+    (out / "agreement.csv").unlink()
+    ct.main(["--rescore", str(out), "--bootstrap", "200"])
+    pd.testing.assert_frame_equal(pd.read_csv(out / "agreement.csv"), table)
+    assert (out / "summary.md").read_text() == summary
+    with pytest.raises(SystemExit):
+        ct.main(["--output_dir", str(out)])  # neither a checkpoint nor --rescore
 
 
 def test_the_command_values_steps_and_refuses_bad_input_writing_nothing(tmp_path, tiny_assets):

@@ -31,6 +31,8 @@ def _agreement(rank: float, filler_share: float) -> pd.DataFrame:
         ("grpo", "all", "all", "rank_correlation", rank, rank - 0.1, rank + 0.1, 32),
         ("grpo", "type", "filler", "mass_share", filler_share, 0, 1, 32),
         ("grpo", "position", "0", "mass_share", 0.5, 0, 1, 32),  # position bins are not pooled
+        ("mc_advantage", "type", "filler", "excess_share", filler_share / 2, 0, 1, 32),
+        ("mc_advantage", "all", "all", "noise_fraction", 0.9, 0.8, 1.0, 32),
     ], columns=["signal", "breakdown", "group", "metric", "value", "low", "high", "episodes"])
 
 
@@ -65,9 +67,12 @@ def test_pools_over_seeds_with_a_t_interval(tmp_path, ctr):
         assert row.seeds == 3
         assert row["mean"] == pytest.approx(mean)
         assert row.ci95 == pytest.approx(sps.t.ppf(0.975, 2) * sd / math.sqrt(3))
+    assert table.loc[("baseline", "mc_advantage", "excess_share_filler"), "mean"] == pytest.approx(sum(shares) / 6)
+    assert table.loc[("baseline", "mc_advantage", "noise_fraction"), "mean"] == pytest.approx(0.9)
     assert not any(f.startswith("mass_share_0") for f in table.index.get_level_values("figure"))
     text = (exp / "credit_truth.md").read_text()
     assert "| `baseline` |" in text and "K = 4" in text
+    assert "### the truth's excess_share by token type" in text and "### noise_fraction" in text
 
 
 def test_analyzes_only_the_seeds_asked_and_pools_every_finished_one(tmp_path, ctr, monkeypatch):
