@@ -21,6 +21,11 @@ Agreement with the truth, per episode, then over episodes with bootstrap 95% int
                           itself scores its own concentration (the `mc_advantage` row)
     top_quartile_overlap  the share of the signal's own top quartile (by |c|) that lies in T: 1 for a signal
                           ranked like |a| (the issue's "top-quartile share of 1" for a signal equal to |a|)
+    excess_enrichment     sum_t m_t (a_t^2 - se_t^2) / mean_t (a_t^2 - se_t^2), m = |c| / sum |c| (pooled over
+                          episodes as a ratio of sums): the squared true advantage per unit of the signal's mass,
+                          relative to uniform credit (1; grpo's broadcast scores 1 exactly). The signal never sees
+                          the continuations, so numerator and denominator are unbiased whatever the noise: the
+                          metric to read where the truth is noisy (the three above are diluted by its noise)
 
 Broken down by token type (analyze_credit.classify_tokens) and relative position, where `mass_share` is the
 share of each signal's mass (and of the truth's, |a|) on that group: where each puts credit.
@@ -74,7 +79,7 @@ from update import forward_completions
 
 WEIGHTERS = ("outcome_conditional", "inverse_logprob", "attention_credit", "entropy_weighted", "entropy_masking")
 TRUTH = "mc_advantage"  # the truth scored as a signal: the reference row of every table
-METRICS = ("rank_correlation", "sign_agreement", "top_quartile_mass", "top_quartile_overlap")
+METRICS = ("rank_correlation", "sign_agreement", "top_quartile_mass", "top_quartile_overlap", "excess_enrichment")
 N_POSITION_BINS = 5
 SIGNIFICANCE_Z = 2.0
 UNIT_COLUMNS = ("episode_idx", "position", "length", "reward", "mc_value", TRUTH, "mc_stderr", "token_id",
@@ -129,6 +134,17 @@ def sign_counts(signal: np.ndarray, truth: np.ndarray, truth_se: np.ndarray, z: 
     return int((np.sign(signal[counted]) == np.sign(truth[counted])).sum()), int(counted.sum())
 
 
+def excess_enrichment(signal: np.ndarray, truth: np.ndarray, truth_se: np.ndarray) -> tuple[float, float]:
+    """(sum_t m_t x_t, mean_t x_t) with m = |signal| / sum |signal| and x = a^2 - se^2, the unbiased estimate of
+    each token's squared true advantage: their ratio, pooled over episodes, is excess_enrichment; (0, 0) for a
+    signal without mass."""
+    mass = np.abs(np.asarray(signal, dtype=float))
+    if len(mass) == 0 or mass.sum() == 0:
+        return 0.0, 0.0
+    x = np.asarray(truth, dtype=float) ** 2 - np.asarray(truth_se, dtype=float) ** 2
+    return float((mass / mass.sum() * x).sum()), float(x.mean())
+
+
 def _defined(value: float) -> tuple[float, float]:
     """A per-episode value as (numerator, denominator) of a mean over the episodes where it is defined."""
     return (0.0, 0.0) if math.isnan(value) else (value, 1.0)
@@ -145,14 +161,16 @@ def episode_parts(signal: np.ndarray, truth: np.ndarray, truth_se: np.ndarray, g
         return {"rank_correlation": _defined(rank_correlation(np.abs(signal), np.abs(truth))),
                 "sign_agreement": sign_counts(signal, truth, truth_se),
                 "top_quartile_mass": _defined(top_quartile_mass(signal, truth)),
-                "top_quartile_overlap": _defined(top_quartile_overlap(signal, truth))}
+                "top_quartile_overlap": _defined(top_quartile_overlap(signal, truth)),
+                "excess_enrichment": excess_enrichment(signal, truth, truth_se)}
     mass, top = np.abs(signal), top_quartile(np.abs(truth))
     in_group = mass[group].sum()
     return {"rank_correlation": _defined(rank_correlation(mass[group], np.abs(truth[group]))),
             "sign_agreement": sign_counts(signal[group], truth[group], truth_se[group]),
             "top_quartile_mass": _defined(mass[group & top].sum() / in_group if in_group > 0 and top.any()
                                           else math.nan),
-            "mass_share": _defined(in_group / mass.sum() if mass.sum() > 0 else math.nan)}
+            "mass_share": _defined(in_group / mass.sum() if mass.sum() > 0 else math.nan),
+            "excess_enrichment": excess_enrichment(signal[group], truth[group], truth_se[group])}
 
 
 def truth_noise_parts(truth: np.ndarray, truth_se: np.ndarray, group: np.ndarray | None = None
@@ -497,12 +515,12 @@ def plot_report(r: Report, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(16, 9))
+    fig = Figure(figsize=(20, 9))
     FigureCanvasAgg(fig)
     names = [TRUTH, *r.signals]
     overall = r.table[r.table["breakdown"] == "all"]
     for i, metric in enumerate(METRICS):
-        ax = fig.add_subplot(2, 3, i + 1)
+        ax = fig.add_subplot(2, 4, i + 1)
         rows = [overall[(overall["signal"] == n) & (overall["metric"] == metric)] for n in names]
         vals = [row["value"].iloc[0] if len(row) else math.nan for row in rows]
         err = [[v - row["low"].iloc[0], row["high"].iloc[0] - v] if len(row) and not math.isnan(v) else [0, 0]
@@ -512,7 +530,7 @@ def plot_report(r: Report, path: Path) -> None:
         ax.set_title(metric, fontsize=9)
         ax.invert_yaxis()
     for j, kind in enumerate(k for k in ("position", "type") if k in set(r.table["breakdown"])):
-        ax = fig.add_subplot(2, 3, 5 + j)
+        ax = fig.add_subplot(2, 4, 6 + j)
         sub = r.table[(r.table["breakdown"] == kind) & (r.table["metric"] == "mass_share")]
         groups = sorted(sub["group"].unique(), key=lambda g: (len(g), g))
         for n in names:

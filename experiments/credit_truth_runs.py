@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from stats import t_interval  # noqa: E402
 
-METRICS = ("rank_correlation", "sign_agreement", "top_quartile_mass", "top_quartile_overlap")
+METRICS = ("rank_correlation", "sign_agreement", "top_quartile_mass", "top_quartile_overlap", "excess_enrichment")
 RUNNER_KEYS = ("training.", "data.task=", "eval.")  # set per run by the runner, not part of what an ablation is
 RENAMED = {"mitigation.epsilon=": "mitigation.logprob_offset="}  # experiments recorded before a key's rename
 

@@ -118,6 +118,16 @@ def test_truth_noise_parts_by_hand():
     assert parts["excess_share"] == pytest.approx((0.24, 0.24))  # the other half: 0.04 - 0.04 = 0
 
 
+def test_excess_enrichment_by_hand():
+    truth, se = np.array([0.5, -0.1, 0.2, 0.0]), np.array([0.1, 0.1, 0.2, 0.0])
+    x = truth ** 2 - se ** 2  # 0.24, 0, 0, 0
+    signal = np.array([3.0, 1.0, 0.0, 0.0])
+    assert ct.excess_enrichment(signal, truth, se) == pytest.approx((0.75 * 0.24, x.mean()))
+    assert ct.excess_enrichment(np.zeros(4), truth, se) == (0.0, 0.0)  # no mass: undefined
+    parts = ct.episode_parts(-signal, truth, se, np.array([True, True, False, False]))
+    assert parts["excess_enrichment"] == pytest.approx((0.75 * 0.24, 0.12))  # within the group; the sign is no matter
+
+
 def test_excess_share_finds_the_true_credit_where_the_truths_mass_share_counts_noise():
     """Values are K = 8 Bernoulli means at every state, the truth as credit_values makes it (independent
     estimates, sample SD with ddof=1 / sqrt K). Tokens of group `idle` leave the success probability where it was
@@ -125,7 +135,9 @@ def test_excess_share_finds_the_true_credit_where_the_truths_mass_share_counts_n
     rng = np.random.default_rng(0)
     k, n_tokens, n_episodes = 8, 40, 1500
     idle = np.arange(n_tokens) % 2 == 0
-    sums = {"mass": np.zeros(2), "excess": np.zeros(2), "se2": np.zeros(2), "a2": np.zeros(2)}
+    sums = {"mass": np.zeros(2), "excess": np.zeros(2), "se2": np.zeros(2), "a2": np.zeros(2),
+            "enrich_num": np.zeros(3), "enrich_den": np.zeros(3)}
+    signals = (idle * 1.0, ~idle * 1.0, np.ones(n_tokens))  # credit on the idle tokens, on the pivots, uniform
     for _ in range(n_episodes):
         p = np.empty(n_tokens + 1)
         p[0] = rng.uniform(0.3, 0.7)
@@ -134,6 +146,10 @@ def test_excess_share_finds_the_true_credit_where_the_truths_mass_share_counts_n
         rewards = rng.random((n_tokens + 1, k)) < p[:, None]
         values, se = rewards.mean(1), rewards.std(1, ddof=1) / math.sqrt(k)
         truth, truth_se = np.diff(values), np.sqrt(se[1:] ** 2 + se[:-1] ** 2)
+        for i, c in enumerate(signals):
+            num, den = ct.excess_enrichment(c, truth, truth_se)
+            sums["enrich_num"][i] += num
+            sums["enrich_den"][i] += den
         for i, group in enumerate((idle, ~idle)):
             sums["mass"][i] += np.abs(truth[group]).sum()
             parts = ct.truth_noise_parts(truth, truth_se, group)
@@ -145,6 +161,10 @@ def test_excess_share_finds_the_true_credit_where_the_truths_mass_share_counts_n
     assert abs(excess[0]) < 0.05 and excess[1] == pytest.approx(1.0, abs=0.05)
     noise = sums["se2"] / sums["a2"]  # pooled over episodes, as the tables pool them
     assert noise[0] == pytest.approx(1.0, abs=0.05) and noise[1] < 0.8
+    # excess_enrichment: credit on the pivots finds twice uniform's squared true advantage, on the idle ones none
+    enrichment = sums["enrich_num"] / sums["enrich_den"]
+    assert enrichment == pytest.approx([0.0, 2.0, 1.0], abs=0.1)
+    assert enrichment[2] == pytest.approx(1.0, abs=1e-12)  # uniform credit: 1 exactly
 
 
 def test_best_signal_is_named_only_when_separated():
