@@ -3,9 +3,10 @@
 For each run DIR/runs/<ablation>/seed<k>/ with a done.json: credit_truth on its last checkpoint, with the
 experiment's base config and the ablation's overrides (experiment.json), written to the run's credit_truth/
 (skipped when its summary.md exists, so a rerun resumes). Then one table per experiment, DIR/credit_truth.md and
-.csv: per ablation and signal, each agreement metric's mean over seeds with a t-interval over seeds, the
-truth's and each signal's share of mass on each token type, and how much of the truth is sampling noise
-(credit_truth's noise_fraction, and excess_share: the noise-corrected share of the squared truth per type).
+.csv: per ablation and signal, each agreement metric's mean over seeds with a t-interval over seeds, the truth's
+and each signal's share of mass on each token type, and how much of the truth is sampling noise (credit_truth's
+noise_fraction, and excess_share: the noise-corrected share of the squared truth per type); each run's figures
+in DIR/credit_truth_per_seed.csv, to re-derive the intervals or pool new seeds.
 `--rescore` first recomputes every analyzed run's tables from its units.csv (credit_truth --rescore: no sampling).
 
     python experiments/credit_truth_runs.py experiments/mitigations_char --episodes 64 --k 8
@@ -59,8 +60,8 @@ def analyze_run(run: Path, config: str, overrides: list[str], episodes: int, k: 
     return out
 
 
-def pooled(frames: dict[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
-    """Per ablation, signal and figure: the mean over seeds and its 95% t-interval."""
+def per_seed(frames: dict[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
+    """One row per (ablation, seed, signal, figure): each run's overall metrics and per-type figures."""
     rows = []
     for (ablation, seed), df in frames.items():
         overall = df[(df.breakdown == "all")]
@@ -69,7 +70,11 @@ def pooled(frames: dict[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
         by_type = df[(df.breakdown == "type") & df.metric.isin(["mass_share", "excess_share", "noise_fraction"])]
         for r in by_type.itertuples():
             rows.append((ablation, seed, r.signal, f"{r.metric}_{r.group}", r.value))
-    long = pd.DataFrame(rows, columns=["ablation", "seed", "signal", "figure", "value"])
+    return pd.DataFrame(rows, columns=["ablation", "seed", "signal", "figure", "value"])
+
+
+def pooled(long: pd.DataFrame) -> pd.DataFrame:
+    """Per ablation, signal and figure: the mean over seeds and its 95% t-interval."""
     out = []
     for (ablation, signal, figure), g in long.groupby(["ablation", "signal", "figure"], sort=False):
         ci = t_interval(g.value.dropna().tolist()) if g.value.notna().any() else None
@@ -130,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                                check=True, stdout=subprocess.DEVNULL)
             if done:
                 frames[(ablation, seed)] = pd.read_csv(run / "credit_truth" / "agreement.csv")
-    table = pooled(frames)
+    long = per_seed(frames)
+    long.to_csv(args.experiment / "credit_truth_per_seed.csv", index=False)  # to re-derive or pool new seeds
+    table = pooled(long)
     table.to_csv(args.experiment / "credit_truth.csv", index=False)
     figures = [*METRICS, *sorted(f for f in table.figure.unique() if f.startswith("mass_share_"))]
     figures += ["noise_fraction"] if "noise_fraction" in set(table.figure) else []

@@ -60,6 +60,8 @@ def test_pools_over_seeds_with_a_t_interval(tmp_path, ctr):
     exp = _experiment(tmp_path, {("baseline", s + 1): (ranks[s], shares[s]) for s in range(3)}, [])
     ctr.main([str(exp), "--episodes", "32", "--k", "4"])
     table = pd.read_csv(exp / "credit_truth.csv").set_index(["ablation", "signal", "figure"])
+    runs = pd.read_csv(exp / "credit_truth_per_seed.csv")
+    assert sorted(runs[runs.figure == "rank_correlation"].value) == ranks
     for figure, values in (("rank_correlation", ranks), ("mass_share_filler", shares)):
         row = table.loc[("baseline", "grpo", figure)]
         mean = sum(values) / 3
