@@ -600,8 +600,9 @@ def analyze(args: argparse.Namespace) -> Report:
     units = unit_frame(episodes, truth, signals, lambda df: analyze_credit.classify_tokens(df, hf_tokenizer))
     names = list(signals)
     table, best = score(units, names, args.bootstrap, args.seed)
-    meta = {"signals": names, "checkpoint": str(args.checkpoint), "episodes": len(episodes), "questions": len(episodes) // g,
-            "group_size": g, "split": args.split, "unit": args.unit, "k": args.k, "seed": args.seed,
+    meta = {"signals": names, "checkpoint": str(args.checkpoint), "episodes": len(episodes),
+            "questions": len(episodes) // g, "group_size": g, "split": args.split, "unit": args.unit, "k": args.k,
+            "seed": args.seed,
             "temperature": t.temperature, "mean_reward": float(np.mean([e.reward for e in episodes])),
             "states": truth.cost.states, "kept_tokens": truth.cost.kept_tokens,
             "sampled_tokens": truth.cost.sampled_tokens, "value_seconds": truth.seconds, "units": len(units),
@@ -651,10 +652,10 @@ def main(argv: list[str] | None = None) -> Report:
         report = rescore(args.rescore, args.bootstrap) if args.rescore else analyze(args)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"credit_truth: {err}") from err
-    args.output_dir = args.output_dir or str(args.rescore)
-    write_report(report, Path(args.output_dir))
+    out = Path(args.output_dir or args.rescore)
+    write_report(report, out)
     print("\n".join(report.best))
-    print(f"[credit_truth] wrote {args.output_dir} ({report.meta['total_seconds']:.0f} s)")
+    print(f"[credit_truth] wrote {out} ({report.meta['total_seconds']:.0f} s)")
     return report
 
 

@@ -34,7 +34,7 @@ def check_vine(config: Config) -> None:
     """ConfigError for what vine cannot honour, before anything loads. dynamic_sampling and soft_reweight judge
     a group by its rewards' spread, but under vine a group whose answers all scored the same still carries
     per-token advantages; a greedy run (temperature 0) has no continuations to average."""
-    a, t = config.algorithm, config.training
+    a = config.algorithm
     if a.adv_estimator != "vine":
         return
     problems = []

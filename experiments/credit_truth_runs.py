@@ -60,6 +60,13 @@ def analyze_run(run: Path, config: str, overrides: list[str], episodes: int, k: 
     return out
 
 
+def rescore_run(out: Path) -> None:
+    """credit_truth --rescore in this process (its imports once, not once per run)."""
+    import credit_truth  # torch and the model stack: only when asked to rescore
+
+    credit_truth.write_report(credit_truth.rescore(out, credit_truth.build_parser().get_default("bootstrap")), out)
+
+
 def per_seed(frames: dict[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
     """One row per (ablation, seed, signal, figure): each run's overall metrics and per-type figures."""
     rows = []
@@ -106,8 +113,8 @@ def truth_markdown(table: pd.DataFrame, metric: str) -> str:
     lines = [f"### the truth's {metric} by token type", "", "| trained with | " + " | ".join(wide.columns) + " |",
              "|---" * (len(wide.columns) + 1) + "|"]
     for ab in wide.index:
-        lines.append(f"| `{ab}` | " + " | ".join(f"{wide.loc[ab, c]:.3f} ± {half.loc[ab, c]:.3f}" for c in wide.columns)
-                     + " |")
+        cells = [f"{wide.loc[ab, c]:.3f} ± {half.loc[ab, c]:.3f}" for c in wide.columns]
+        lines.append(f"| `{ab}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 analyze_run(run, config, list(overrides), args.episodes, args.k)
                 done = True
             if done and args.rescore:
-                subprocess.run([sys.executable, str(ROOT / "credit_truth.py"), "--rescore", str(run / "credit_truth")],
-                               check=True, stdout=subprocess.DEVNULL)
+                rescore_run(run / "credit_truth")
             if done:
                 frames[(ablation, seed)] = pd.read_csv(run / "credit_truth" / "agreement.csv")
     long = per_seed(frames)

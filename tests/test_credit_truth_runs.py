@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
@@ -101,3 +102,25 @@ def test_analyzes_only_the_seeds_asked_and_pools_every_finished_one(tmp_path, ct
 def test_renamed_keys_and_runner_keys(ctr):
     assert ctr.current_names(["mitigation.epsilon=0.1", "algorithm.loss=ppo"]) == [
         "mitigation.logprob_offset=0.1", "algorithm.loss=ppo"]
+
+
+def test_rescore_recomputes_each_runs_tables_from_its_units(tmp_path, ctr):
+    exp = _experiment(tmp_path, {("baseline", 1): (0.3, 0.5)}, [])
+    out = exp / "runs" / "baseline" / "seed1" / "credit_truth"
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=12)
+    pd.DataFrame({"episode_idx": np.repeat([0, 1], 6), "position": np.tile(np.arange(6), 2), "length": 6,
+                  "reward": 1.0, "mc_value": 0.5, "mc_advantage": truth, "mc_stderr": 0.1,
+                  "position_bin": np.tile(np.arange(6) * 5 // 6, 2), "grpo": 1.0}).to_csv(out / "units.csv", index=False)
+    (out / "meta.json").write_text(json.dumps({
+        "signals": ["grpo"], "checkpoint": "ckpt", "episodes": 2, "questions": 1, "group_size": 2, "split": "test",
+        "unit": "token", "k": 4, "seed": 0, "temperature": 1.0, "mean_reward": 1.0, "states": 12, "kept_tokens": 0,
+        "sampled_tokens": 0, "value_seconds": 1.0, "units": 12, "significant": 0, "bootstrap": 50,
+        "total_seconds": 1.0}))
+    ctr.main([str(exp), "--rescore"])
+    # the hand-written agreement.csv (rank 0.3) is replaced by the one computed from units.csv
+    table = pd.read_csv(exp / "credit_truth.csv").set_index(["ablation", "signal", "figure"])
+    assert table.loc[("baseline", "grpo", "excess_enrichment"), "mean"] == pytest.approx(1.0)  # uniform credit
+    assert table.loc[("baseline", "mc_advantage", "noise_fraction"), "mean"] == pytest.approx(0.12 / (truth ** 2).sum())
+    assert ("baseline", "grpo", "rank_correlation") not in table.index or \
+        math.isnan(table.loc[("baseline", "grpo", "rank_correlation"), "mean"])  # a constant signal has no rank
